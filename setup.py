@@ -1,0 +1,36 @@
+"""mr1: Memory-R1 in JAX/Flax — LLM agents that learn to manage and use an external memory."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mr1",
+    version="0.1.0",
+    description="Memory-R1 reproduction in JAX/Flax: RL-trained Memory Manager and Answer Agent.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mr1", "mr1.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "transformers>=4.45",
+        "datasets",
+        "tensorstore",
+        "ml-collections",
+        "chex",
+        "gguf>=0.10",
+        "safetensors",
+        "absl-py",
+        "tqdm",
+        "numpy",
+        "nltk",
+        "matplotlib",
+    ],
+    extras_require={
+        # Test-only tools. The PyTorch reference (torch==2.13.0 CPU, accelerate) used by the
+        # parity tests is installed by .ci/run directly, never through an extra users install.
+        "test": ["pytest", "hypothesis", "sentencepiece"],
+    },
+)
