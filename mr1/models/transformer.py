@@ -1,0 +1,221 @@
+"""The Flax decoder: RMSNorm, RoPE (with Llama-3 scaling), GQA with a KV cache, SwiGLU.
+
+The module is pure: parameters are a pytree passed in, the KV cache is an explicit input and
+output, and the functional wrappers :func:`forward` / :func:`logits_from_hidden` are what jitted
+code calls. Layers are stacked with ``nn.scan`` so parameters carry a leading layer axis
+(``params["layers"]["wq"]: [L, D, H*hd]``), which keeps compile time flat in depth and makes
+sharding rules one line per weight.
+
+Parameter tree (``D`` hidden, ``F`` SwiGLU width, ``H``/``K`` query/kv heads, ``hd`` head dim)::
+
+  embed        [V, D]
+  layers/attn_norm [L, D]      layers/wq [L, D, H*hd]   layers/bq [L, H*hd]  (qkv_bias)
+  layers/wk    [L, D, K*hd]    layers/wv [L, D, K*hd]   layers/bk, bv [L, K*hd]
+  layers/wo    [L, H*hd, D]    layers/mlp_norm [L, D]
+  layers/w_gate, w_up [L, D, F]   layers/w_down [L, F, D]
+  final_norm   [D]
+  lm_head      [D, V]          (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mr1.models.config import ModelConfig
+
+Array = jax.Array
+_NEG_INF = -1e30  # finite: fully-masked rows (left padding) give uniform, not NaN, attention
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values, ``[L, B, S, K, hd]``, RoPE already applied to keys."""
+
+    k: Array
+    v: Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+    """Inverse RoPE frequencies ``[hd/2]``, with Llama-3 scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos/sin tables ``[B, T, hd/2]`` (float32) for integer ``positions [B, T]``."""
+    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates ``x [B, T, N, hd]`` with the half-split (HF ``rotate_half``) convention."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed.astype(x.dtype) * scale.astype(x.dtype))
+
+
+def _dense_init(std: float = 0.02):
+    return nn.initializers.normal(std)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block; called through ``nn.scan`` over layers."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h, layer_cache, cos, sin, mask, cache_index):
+        cfg = self.cfg
+        b, t, d = h.shape
+        nh, nk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        p = lambda name, shape, init=_dense_init(): self.param(name, init, shape)  # noqa: E731
+
+        x = RMSNorm(cfg.rms_norm_eps, name="attn_norm")(h)
+        q = x @ p("wq", (d, nh * hd)).astype(x.dtype)
+        k = x @ p("wk", (d, nk * hd)).astype(x.dtype)
+        v = x @ p("wv", (d, nk * hd)).astype(x.dtype)
+        if cfg.qkv_bias:
+            q = q + p("bq", (nh * hd,), nn.initializers.zeros).astype(x.dtype)
+            k = k + p("bk", (nk * hd,), nn.initializers.zeros).astype(x.dtype)
+            v = v + p("bv", (nk * hd,), nn.initializers.zeros).astype(x.dtype)
+        q = apply_rope(q.reshape(b, t, nh, hd), cos, sin)
+        k = apply_rope(k.reshape(b, t, nk, hd), cos, sin)
+        v = v.reshape(b, t, nk, hd)
+
+        new_cache = None
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (k, v)
+
+        qg = q.reshape(b, t, nk, nh // nk, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * (hd ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh * hd)
+        h = h + (attn.astype(h.dtype) @ p("wo", (nh * hd, d)).astype(h.dtype))
+
+        x = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(h)
+        gate = x @ p("w_gate", (d, cfg.intermediate_size)).astype(x.dtype)
+        up = x @ p("w_up", (d, cfg.intermediate_size)).astype(x.dtype)
+        h = h + (jax.nn.silu(gate) * up) @ p("w_down", (cfg.intermediate_size, d)).astype(x.dtype)
+        return h, new_cache
+
+
+class Decoder(nn.Module):
+    """Token ids to final hidden states (after the last RMSNorm); the LM head is separate."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+        cfg = self.cfg
+        embed = self.param("embed", _dense_init(), (cfg.vocab_size, cfg.hidden_size))
+        if not cfg.tie_embeddings:
+            self.param("lm_head", _dense_init(), (cfg.hidden_size, cfg.vocab_size))
+        h = jnp.take(embed, tokens, axis=0)
+        cos, sin = rope_tables(cfg, positions)
+        layers = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, name="layers")
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        h, new_caches = layers(h, layer_caches, cos, sin, mask, cache_index)
+        h = RMSNorm(cfg.rms_norm_eps, name="final_norm")(h)
+        new_cache = None if cache is None else KVCache(k=new_caches[0], v=new_caches[1])
+        return h, new_cache
+
+
+def init_params(cfg: ModelConfig, rng: Array, dtype=jnp.float32) -> dict:
+    """Random parameters (normal std 0.02, norms at one) for ``cfg``."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    params = Decoder(cfg).init(rng, tokens, tokens, mask)["params"]
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def forward(params: dict, cfg: ModelConfig, tokens: Array, positions: Array, mask: Array,
+            cache: KVCache | None = None, cache_index: Array | int = 0):
+    """Runs the decoder.
+
+    Args:
+      params: the parameter tree (see module docstring).
+      cfg: model config (static).
+      tokens: int32 ``[B, T]``.
+      positions: int32 ``[B, T]`` RoPE positions (left padding: ``cumsum(mask) - 1``).
+      mask: bool ``[B, T, S]``: query t may attend key s. ``S = T`` without a cache, else
+        the cache length.
+      cache: optional :class:`KVCache`; the new keys/values are written at ``cache_index``.
+      cache_index: first cache slot written.
+
+    Returns:
+      ``(hidden [B, T, D], new_cache or None)``.
+    """
+    return Decoder(cfg).apply({"params": params}, tokens, positions, mask, cache, cache_index)
+
+
+def lm_head(params: dict, cfg: ModelConfig) -> Array:
+    """The ``[D, V]`` output projection (the embedding transposed when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: Array) -> Array:
+    """float32 logits ``[..., V]`` for hidden states ``[..., D]``."""
+    w = lm_head(params, cfg)
+    return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w,
+                      preferred_element_type=jnp.float32)
+
+
+def padding_positions(attention_mask: Array) -> Array:
+    """RoPE positions for a (left- or right-) padded ``[B, T]`` 0/1 mask."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(attention_mask: Array) -> Array:
+    """``[B, T, T]`` causal mask that also hides padded keys."""
+    t = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
