@@ -9,8 +9,8 @@ set|, recall = |common| / |gold set|, F1 their harmonic mean; 0.0 when either st
 either set is empty, or nothing is shared.
 
 **bleu1** — ``nltk.translate.bleu_score.sentence_bleu([gold_tokens], pred_tokens,
-weights=(1, 0, 0, 0), smoothing_function=SmoothingFunction().method1)`` over the lower-cased
-word tokens, 0.0 when either side has no token (Mem0 returns 0 for empty inputs). Mem0
+weights=(1, 0, 0, 0), smoothing_function=SmoothingFunction().method1)`` over the word tokens of
+the stripped, lower-cased strings, 0.0 when either side has no token (Mem0 returns 0 for empty inputs). Mem0
 tokenises with ``nltk.word_tokenize``, which first splits sentences with the Punkt model and
 then applies ``NLTKWordTokenizer`` (improved Treebank) to each sentence. Punkt's model is a
 download this project cannot rely on, so :func:`word_tokens` applies ``NLTKWordTokenizer`` to
@@ -110,7 +110,9 @@ def bleu1(prediction: str, gold: str) -> float:
     """BLEU-1 as in Mem0: nltk ``sentence_bleu`` on lower-cased word tokens, method1 smoothing."""
     if not prediction or not gold:
         return 0.0
-    pred, ref = word_tokens(str(prediction).lower()), word_tokens(str(gold).lower())
+    # Stripped first, as Mem0 does: Treebank rules treat a quote at the very start specially.
+    pred = word_tokens(str(prediction).strip().lower())
+    ref = word_tokens(str(gold).strip().lower())
     if not pred or not ref:
         return 0.0
     return float(sentence_bleu([ref], pred, weights=(1, 0, 0, 0), smoothing_function=_smooth))
