@@ -126,6 +126,10 @@ def test_split_synthetic_with_custom_ids():
 # The real file
 # -------------------------------------------------------------------------------------------
 
+def test_real_file_is_the_registered_one():
+    assert paths.sha256_file(_real_locomo_path()) == paths.DATASETS["locomo"].sha256
+
+
 def test_real_file_statistics(convs):
     assert [c.sample_id for c in convs] == [
         "conv-26", "conv-30", "conv-41", "conv-42", "conv-43", "conv-44", "conv-47", "conv-48",

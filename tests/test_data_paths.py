@@ -232,3 +232,4 @@ def test_cli_module_entry_point(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(root / "locomo" / "locomo10.json")
+    assert "Warning" not in proc.stderr, proc.stderr
