@@ -230,6 +230,10 @@ def test_locomo_per_category_rules():
     # 3: only the gold text before the first ';'
     assert locomo_score("likely yes", "likely yes; because she said so", 3) == pytest.approx(1.0)
     assert locomo_score("x", "y", 2) == locomo_score("x", "y", 4) == 0.0
+    assert f1_locomo("Paris, London", "London, Rome", category=1) == pytest.approx(0.5)
+    assert f1_locomo("Paris, London", "London, Rome") == pytest.approx(0.5)  # multiset F1
+    assert f1_locomo("London", "London, Rome", category=1) == pytest.approx(0.5)
+    assert f1_locomo("London", "London, Rome") == pytest.approx(2 / 3)
     # 5: the "not mentioned" option
     assert locomo_score("Not mentioned in the conversation", "", 5) == 1.0
     assert locomo_score("No information available.", "", 5) == 1.0

@@ -130,14 +130,24 @@ def _locomo_tokens(text: str) -> list[str]:
     return [_stemmer.stem(w) for w in _LOCOMO_ARTICLES.sub(" ", text).split()]
 
 
-def f1_locomo(prediction: str, gold: str) -> float:
-    """LoCoMo's stemmed token-multiset F1 (``task_eval/evaluation.py`` ``f1_score``)."""
+def f1_locomo(prediction: str, gold: str, category: int | None = None) -> float:
+    """LoCoMo's stemmed token-multiset F1 (``task_eval/evaluation.py`` ``f1_score``).
+
+    With ``category`` given, LoCoMo's per-category rule applies instead (:func:`locomo_score`:
+    multi-answer F1 for category 1, first ``;`` part of the gold for category 3).
+    """
+    if category is not None:
+        return locomo_score(prediction, gold, category)
     pred, ref = _locomo_tokens(prediction), _locomo_tokens(gold)
     common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
     if common == 0:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def _f1_locomo_plain(prediction: str, gold: str) -> float:
+    return f1_locomo(prediction, gold)
 
 
 def _f1_locomo_multi(prediction: str, gold: str) -> float:
@@ -158,9 +168,9 @@ def _locomo_open_domain(prediction: str, gold: str) -> float:
 
 _LOCOMO_BY_CATEGORY: dict[int, Callable[[str, str], float]] = {
     1: _f1_locomo_multi,
-    2: f1_locomo,
+    2: _f1_locomo_plain,
     3: _locomo_open_domain,
-    4: f1_locomo,
+    4: _f1_locomo_plain,
     5: _locomo_adversarial,
 }
 
