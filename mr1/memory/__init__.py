@@ -12,10 +12,15 @@ from mr1.memory.bank import (FULL_POLICIES, MemoryAction, MemoryBank, OpCode, Op
                              RenderTemplate, Rendered, Retrieved, apply_action, apply_actions,
                              apply_actions_batched, empty_bank, make_action,
                              make_render_template, render, retrieve, stack_actions)
+from mr1.memory.env import (EnvParams, EnvState, Episode, MemoryManagerEnv, Observation,
+                            make_episode)
+from mr1.memory.ops import ParsedOp, ParseResult, Reason, ops_to_actions, parse_ops
 
 __all__ = [
     "FULL_POLICIES", "MemoryAction", "MemoryBank", "OpCode", "OpResult", "Refusal",
     "RenderTemplate", "Rendered", "Retrieved", "apply_action", "apply_actions",
     "apply_actions_batched", "empty_bank", "make_action", "make_render_template", "render",
     "retrieve", "stack_actions",
+    "EnvParams", "EnvState", "Episode", "MemoryManagerEnv", "Observation", "make_episode",
+    "ParsedOp", "ParseResult", "Reason", "ops_to_actions", "parse_ops",
 ]
