@@ -103,6 +103,22 @@ def test_retrieve_fewer_than_k_speaker_filter_and_k_above_slots():
     assert r0.indices.tolist() == [0, -1] and r0.mask.tolist() == [True, False]
 
 
+def test_retrieve_many_equals_vmapped_retrieve():
+    rng = np.random.default_rng(5)
+    bank = mb.empty_bank(S, L, D)
+    for i in range(S - 2):
+        bank, _ = act(bank, op=1, tokens=[1], embedding=rng.normal(size=D), speaker=i % 2)
+    qs = jnp.asarray(rng.normal(size=(7, D)), jnp.float32)
+    spk = jnp.asarray(rng.integers(0, 2, 7), jnp.int32)
+    for k, speaker in [(3, None), (S + 1, None), (2, spk)]:
+        many = mb.retrieve_many(bank, qs, k, speaker)
+        one = jax.vmap(lambda q, s: mb.retrieve(bank, q, k, None if speaker is None else s))(
+            qs, spk)
+        assert many.indices.shape == (7, k)
+        for x, y in zip(jax.tree.leaves(many), jax.tree.leaves(one)):
+            np.testing.assert_array_equal(x, y)
+
+
 # ----------------------------------------------------------------------------- stateful property
 
 OPS = st.sampled_from([0, 1, 1, 1, 2, 3, 4])

@@ -11,7 +11,8 @@
 from mr1.memory.bank import (FULL_POLICIES, MemoryAction, MemoryBank, OpCode, OpResult, Refusal,
                              RenderTemplate, Rendered, Retrieved, apply_action, apply_actions,
                              apply_actions_batched, empty_bank, make_action,
-                             make_render_template, render, retrieve, stack_actions)
+                             make_render_template, render, retrieve, retrieve_many,
+                             stack_actions)
 from mr1.memory.env import (EnvParams, EnvState, Episode, MemoryManagerEnv, Observation,
                             make_episode)
 from mr1.memory.ops import ParsedOp, ParseResult, Reason, ops_to_actions, parse_ops
@@ -20,7 +21,7 @@ __all__ = [
     "FULL_POLICIES", "MemoryAction", "MemoryBank", "OpCode", "OpResult", "Refusal",
     "RenderTemplate", "Rendered", "Retrieved", "apply_action", "apply_actions",
     "apply_actions_batched", "empty_bank", "make_action", "make_render_template", "render",
-    "retrieve", "stack_actions",
+    "retrieve", "retrieve_many", "stack_actions",
     "EnvParams", "EnvState", "Episode", "MemoryManagerEnv", "Observation", "make_episode",
     "ParsedOp", "ParseResult", "Reason", "ops_to_actions", "parse_ops",
 ]
