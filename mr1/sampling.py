@@ -1,0 +1,278 @@
+"""Jitted batched sampling: one prefill, then a ``lax.while_loop`` decode over fixed buffers.
+
+Shapes are fixed per (batch bucket, prompt-length bucket, max_new_tokens, knobs), so repeated
+calls reuse one compiled program. Prompts are left-padded; every row decodes into the same cache
+slot at each step, with its own RoPE position. With ``num_samples=G`` the prompt is prefilled once
+and its KV cache copied G times (the group of a GRPO step shares one prefill).
+
+``logprobs`` are log pi(token) under the model's own distribution (temperature 1, no top-k/p):
+exactly the old-policy log-probabilities PPO/GRPO ratios need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mr1.models import transformer
+from mr1.models.config import ModelConfig
+from mr1.models.transformer import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling knobs (each distinct value compiles once)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    num_samples: int = 1  # samples per prompt, sharing one prefill
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Result of :func:`generate`; rows are ordered prompt-major (p0s0, p0s1, ..., p1s0, ...).
+
+    Attributes:
+      texts: decoded completions (special tokens removed).
+      tokens: int32 ``[N, max_new_tokens]`` completion ids, ``pad_id`` after the end.
+      logprobs: float32 ``[N, max_new_tokens]``, 0 after the end.
+      lengths: int32 ``[N]`` completion lengths (a final EOS counts).
+      prompt_tokens: int32 ``[N, P]`` left-padded prompt ids; ``prompt_mask`` marks real ones.
+    """
+
+    texts: list[str]
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+
+    @property
+    def completion_mask(self) -> np.ndarray:
+        return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Prompt-length bucket: powers of two up to 256, then multiples of 128."""
+    if n <= 256:
+        return max(minimum, 1 << max(0, (n - 1)).bit_length())
+    return -(-n // 128) * 128
+
+
+def bucket_batch(n: int) -> int:
+    return 1 << max(0, (n - 1)).bit_length()
+
+
+def sample_token(rng, logits, cfg: SamplingConfig):
+    """Samples ``[B]`` tokens from float32 ``logits [B, V]``; returns (tokens, model logprobs)."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if cfg.temperature <= 0.0:
+        tok = jnp.argmax(logits, axis=-1)
+    else:
+        scaled = logits / cfg.temperature
+        if cfg.top_k > 0:
+            kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
+            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+        if cfg.top_p < 1.0:
+            sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+            cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+            # keep the smallest prefix whose mass reaches top_p (the first token always kept)
+            cutoff_idx = jnp.sum(cum < cfg.top_p, axis=-1, keepdims=True)
+            cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+            scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+        tok = jax.random.categorical(rng, scaled, axis=-1)
+    tok = tok.astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+# Rows prefilled together: on a 2-core CPU, chunks of 2 rows keep the [rows, heads, T, T]
+# attention scores in cache and ran ~1.4x faster per token than one 32-row prefill.
+PREFILL_CHUNK = 2
+
+
+def prefill(params, model_cfg: ModelConfig, prompt_ids, prompt_mask, chunk: int = PREFILL_CHUNK):
+    """Last-position logits ``[B, V]`` and prompt keys/values ``[L, B, K, T, hd]``.
+
+    Rows are processed ``chunk`` at a time with ``lax.map`` (one compiled body).
+    """
+    b, t = prompt_ids.shape
+
+    def one(args):
+        ids, mask = args
+        hidden, kv = transformer.forward(params, model_cfg, ids,
+                                         transformer.padding_positions(mask),
+                                         transformer.causal_mask(mask))
+        return transformer.logits_from_hidden(params, model_cfg, hidden[:, -1]), kv
+
+    if b <= chunk or b % chunk:
+        return one((prompt_ids, prompt_mask))
+    n = b // chunk
+    logits, (k, v) = jax.lax.map(one, (prompt_ids.reshape(n, chunk, t),
+                                       prompt_mask.reshape(n, chunk, t)))
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], b, *x.shape[3:])  # noqa: E731
+    return logits.reshape(b, -1), (merge(k), merge(v))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tuple[int, ...],
+                      pad_id: int):
+    """A jitted ``(params, prompt_ids, prompt_mask, rng) -> (tokens, logprobs, lengths)``."""
+    g, new = cfg.num_samples, cfg.max_new_tokens
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    def run(params, prompt_ids, prompt_mask, rng):
+        b, t = prompt_ids.shape
+        s = t + new
+        logits, prompt_kv = prefill(params, model_cfg, prompt_ids, prompt_mask)
+
+        rep = lambda x, axis=0: jnp.repeat(x, g, axis=axis) if g > 1 else x  # noqa: E731
+        n = b * g
+        cache = KVCache.zeros(model_cfg, n, s, params["embed"].dtype)
+        cache = cache.write((rep(prompt_kv[0], 1), rep(prompt_kv[1], 1)), 0)
+        key_valid = rep(jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((b, new), bool)], 1))
+        logits = rep(logits)
+        next_pos = rep(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32))
+        done = rep(jnp.sum(prompt_mask, axis=-1) == 0)  # batch-padding rows never sample
+        self_mask = jnp.ones((n, 1, 1), bool)
+
+        state = dict(i=jnp.int32(0), rng=rng, logits=logits, cache=cache, key_valid=key_valid,
+                     pos=next_pos, done=done,
+                     tokens=jnp.full((n, new), pad_id, jnp.int32),
+                     logprobs=jnp.zeros((n, new), jnp.float32),
+                     lengths=jnp.zeros((n,), jnp.int32))
+
+        def cond(st):
+            return (st["i"] < new) & ~jnp.all(st["done"])
+
+        def body(st):
+            rng, sub = jax.random.split(st["rng"])
+            tok, lp = sample_token(sub, st["logits"], cfg)
+            alive = ~st["done"]
+            tok = jnp.where(alive, tok, pad_id)
+            i = st["i"]
+            tokens = st["tokens"].at[:, i].set(tok)
+            logprobs = st["logprobs"].at[:, i].set(jnp.where(alive, lp, 0.0))
+            lengths = st["lengths"] + alive.astype(jnp.int32)
+            done = st["done"] | jnp.isin(tok, eos)
+            hidden, kv = transformer.forward(params, model_cfg, tok[:, None], st["pos"][:, None],
+                                             self_mask, st["cache"], st["key_valid"][:, None, :])
+            logits = transformer.logits_from_hidden(params, model_cfg, hidden[:, 0])
+            return dict(i=i + 1, rng=rng, logits=logits, cache=st["cache"].write(kv, t + i),
+                        key_valid=st["key_valid"].at[:, t + i].set(True),
+                        pos=st["pos"] + 1, done=done, tokens=tokens, logprobs=logprobs,
+                        lengths=lengths)
+
+        out = jax.lax.while_loop(cond, body, state)
+        return out["tokens"], out["logprobs"], out["lengths"]
+
+    return jax.jit(run)
+
+
+def encode_prompts(policy, prompts: Sequence[str], chat: bool = True,
+                   system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when ``chat``."""
+    tok = policy.tokenizer
+    if tok is None:
+        raise ValueError("this policy has no tokenizer; pass token id lists instead of strings")
+    out = []
+    for p in prompts:
+        if chat:
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages.append({"role": "user", "content": p})
+            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            out.append(list(ids))
+        else:
+            out.append(tok(p, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+             batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads id lists into ``[batch, length]`` ids and a 0/1 mask."""
+    n = len(prompt_ids)
+    length = length or max(len(p) for p in prompt_ids)
+    batch = batch or n
+    ids = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for r, p in enumerate(prompt_ids):
+        if len(p):
+            ids[r, length - len(p):] = p
+            mask[r, length - len(p):] = 1
+    return ids, mask
+
+
+def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
+             seed: int | jax.Array = 0, chat: bool = True, *, top_k: int = 0,
+             top_p: float = 1.0, num_samples: int = 1, system_prompt: str | None = None,
+             max_prompt_tokens: int | None = None, ignore_eos: bool = False) -> GenerateOutput:
+    """Samples completions for ``prompts`` (strings, or lists of token ids).
+
+    Args:
+      policy: a :class:`mr1.models.Policy`.
+      prompts: strings (tokenized, through the chat template when ``chat``) or id lists.
+      max_new_tokens: decode budget per row.
+      temperature: 0 is greedy; rollouts use 1.0.
+      seed: an int seed or a JAX PRNG key.
+      chat: apply the tokenizer's chat template to string prompts.
+      top_k, top_p: optional truncation of the sampling distribution.
+      num_samples: completions per prompt (one shared prefill).
+      system_prompt: optional system message for chat prompts.
+      max_prompt_tokens: reject longer prompts (default: what fits the model's window).
+      ignore_eos: always decode ``max_new_tokens`` (benchmarks).
+
+    Raises:
+      ValueError: empty input, or a prompt longer than the configured maximum.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings or of token-id lists, not a str")
+    if len(prompts) == 0:
+        raise ValueError("generate() got no prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(prompts[0], str):
+        prompt_ids = encode_prompts(policy, prompts, chat, system_prompt)
+    else:
+        prompt_ids = [list(map(int, p)) for p in prompts]
+    cfg = policy.config
+    limit = max_prompt_tokens or (cfg.max_position_embeddings - max_new_tokens)
+    for r, p in enumerate(prompt_ids):
+        if len(p) > limit:
+            raise ValueError(f"prompt {r} has {len(p)} tokens, more than the configured maximum "
+                             f"of {limit} (model window {cfg.max_position_embeddings}, "
+                             f"max_new_tokens {max_new_tokens}); shorten it or raise "
+                             "max_prompt_tokens")
+        if len(p) == 0:
+            raise ValueError(f"prompt {r} is empty")
+    pad = policy.pad_token_id
+    n = len(prompt_ids)
+    length = bucket_length(max(map(len, prompt_ids)))
+    ids, mask = left_pad(prompt_ids, pad, length, bucket_batch(n))
+    scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature),
+                          top_k=int(top_k), top_p=float(top_p), num_samples=int(num_samples))
+    fn = _compiled_sampler(cfg, scfg, () if ignore_eos else policy.eos_token_ids, pad)
+    rng = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
+    tokens, logprobs, lengths = jax.device_get(fn(policy.params, ids, mask, rng))
+    rows = n * num_samples
+    tokens, logprobs, lengths = tokens[:rows], logprobs[:rows], lengths[:rows]
+    texts = decode(policy, tokens, lengths)
+    rep = lambda x: np.repeat(x[:n], num_samples, axis=0)  # noqa: E731
+    return GenerateOutput(texts=texts, tokens=np.asarray(tokens), logprobs=np.asarray(logprobs),
+                          lengths=np.asarray(lengths), prompt_tokens=rep(ids),
+                          prompt_mask=rep(mask))
+
+
+def decode(policy, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """Completion texts; rows of a policy without a tokenizer decode to ''."""
+    if policy.tokenizer is None:
+        return ["" for _ in range(len(tokens))]
+    return policy.tokenizer.batch_decode(
+        [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=True)
