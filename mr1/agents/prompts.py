@@ -1,0 +1,101 @@
+"""Prompts of the two Memory-R1 agents, written for this project in the spirit of the paper.
+
+* :data:`FACT_EXTRACTION` -- turns one dialogue turn (or a session chunk) into short,
+  self-contained facts, one per line, each carrying the session date;
+* :data:`MEMORY_MANAGER` -- shows one new fact and the related memories (with ids) and asks for
+  the paper's (Mem0's) JSON ``{"memory": [{"id", "text", "event", "old_memory"}]}``;
+* :data:`ANSWER_AGENT` -- shows the retrieved memories of each speaker with timestamps and asks
+  the model to first list the relevant ones (memory distillation), then a final line
+  ``**Answer:** <short answer>`` of under 6 words.
+
+The judge prompt lives in :mod:`mr1.eval.judge`. Prompts are kept short on purpose: on CPU the
+prefill dominates the cost (see DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+ANSWER_MARKER = "**Answer:**"
+
+FACT_EXTRACTION = """Extract the facts worth remembering about the speaker from this message \
+of a conversation on {date}.
+Write each fact as one short sentence naming the speaker and, where it matters, the date. \
+Write one fact per line. If there is nothing worth remembering, write NONE.
+
+{speaker}: {text}
+
+Facts:"""
+
+MEMORY_MANAGER = """You manage the memory of {speaker}. Compare the new fact with the existing \
+memories and choose one operation:
+ADD: the fact is new information; UPDATE: it adds to or changes memory <id> (give the merged \
+text); DELETE: it contradicts memory <id>; NONE: it is already known.
+
+Existing memories:
+{memories}
+
+New fact: {fact}
+
+Reply with JSON only, for example:
+{{"memory": [{{"id": "0", "text": "...", "event": "UPDATE", "old_memory": "..."}}]}}"""
+
+ANSWER_AGENT = """You answer a question about a conversation between {speaker_a} and \
+{speaker_b}, using their memories.
+
+Memories of {speaker_a}:
+{memories_a}
+
+Memories of {speaker_b}:
+{memories_b}
+
+Question: {question}
+First list the memories that are relevant to the question. Then write one final line:
+{marker} <answer in under 6 words>"""
+
+
+def format_memories(items: Sequence[tuple[int | str, str]], empty: str = "(none)") -> str:
+    """``[id] text`` lines for the Memory Manager, or ``empty``."""
+    return "\n".join(f"[{i}] {t}" for i, t in items) if items else empty
+
+
+def format_timed_memories(items: Sequence[tuple[str, str]], empty: str = "(none)") -> str:
+    """``- [timestamp] text`` lines for the Answer Agent (timestamp may be ""), or ``empty``."""
+    if not items:
+        return empty
+    return "\n".join(f"- [{ts}] {t}" if ts else f"- {t}" for ts, t in items)
+
+
+def fact_extraction_prompt(speaker: str, text: str, date: str) -> str:
+    return FACT_EXTRACTION.format(speaker=speaker, text=text, date=date or "an unknown date")
+
+
+def memory_manager_prompt(speaker: str, fact: str,
+                          memories: Sequence[tuple[int | str, str]]) -> str:
+    return MEMORY_MANAGER.format(speaker=speaker, fact=fact, memories=format_memories(memories))
+
+
+def answer_prompt(question: str, speaker_a: str, speaker_b: str,
+                  memories_a: Sequence[tuple[str, str]],
+                  memories_b: Sequence[tuple[str, str]]) -> str:
+    return ANSWER_AGENT.format(speaker_a=speaker_a, speaker_b=speaker_b, question=question,
+                               memories_a=format_timed_memories(memories_a),
+                               memories_b=format_timed_memories(memories_b),
+                               marker=ANSWER_MARKER)
+
+
+CONTEXT_ANSWER = """You answer a question about a conversation between {speaker_a} and \
+{speaker_b}.
+
+Conversation excerpts:
+{context}
+
+Question: {question}
+First list the lines that are relevant to the question. Then write one final line:
+{marker} <answer in under 6 words>"""
+
+
+def context_answer_prompt(question: str, speaker_a: str, speaker_b: str, context: str) -> str:
+    """Answer prompt over raw dialogue lines (the RAG and full-context baselines)."""
+    return CONTEXT_ANSWER.format(speaker_a=speaker_a, speaker_b=speaker_b, question=question,
+                                 context=context or "(none)", marker=ANSWER_MARKER)
