@@ -390,3 +390,39 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
             save_memory(mem, directory)
         out[conv.sample_id] = mem
     return out
+
+
+# ----------------------------------------------------------------------------- data selection
+
+def select_locomo(config) -> list[tuple[Conversation, list]]:
+    """``(conversation, qas)`` pairs of ``config.split`` after the subset limits.
+
+    Reads ``data_path``, ``split``, ``max_conversations``, ``max_questions_per_conversation``,
+    ``max_questions``, ``question_sampling`` ("first" | "random") and ``seed`` (0 = no limit).
+    """
+    from mr1.data.locomo import load_locomo, split_locomo
+
+    split = split_locomo(load_locomo(config.get("data_path") or None))
+    if config.split not in split._fields:
+        raise ValueError(f"split must be one of {split._fields}, got {config.split!r}")
+    convs = list(getattr(split, config.split))
+    if config.get("max_conversations", 0):
+        convs = convs[: config.max_conversations]
+    rng = np.random.default_rng(config.get("seed", 0))
+    out, total = [], 0
+    cap = config.get("max_questions", 0) or None
+    for conv in convs:
+        qas = list(conv.qas)
+        per = config.get("max_questions_per_conversation", 0)
+        if per and per < len(qas):
+            if config.get("question_sampling", "first") == "random":
+                qas = [qas[i] for i in sorted(rng.choice(len(qas), per, replace=False))]
+            else:
+                qas = qas[:per]
+        if cap is not None:
+            qas = qas[: max(0, cap - total)]
+        if not qas:
+            break
+        total += len(qas)
+        out.append((conv, qas))
+    return out

@@ -1,0 +1,61 @@
+"""Builds each conversation's per-speaker memory banks and saves them under the workdir.
+
+    python experiments/build_memory.py --config=experiments/configs/evaluate_locomo_smollm2.py \
+        --workdir=runs/locomo_smollm2
+
+Uses the ``memory`` section and the data selection of an evaluate config. Banks go to
+``<workdir>/memory/<sample_id>/`` (or ``config.memory.dir``): ``memory.json`` (texts, timestamps,
+build statistics incl. invalid ops by reason) + ``banks.npz`` (the bank tensors), written to a
+temporary folder, renamed into place, then marked ``DONE``. A rerun skips conversations that
+are done, so an interrupted build resumes where it stopped; ``evaluate.py`` with the same
+workdir loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mr1.agents.pipeline import MemoryBuilder, PipelineConfig, build_all, select_locomo
+from mr1.memory.embedder import load_embedder
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "evaluate/build config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/mr1_evaluate", "output directory")
+
+
+def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=print) -> dict:
+    """Builds (or resumes) the banks of the selected conversations; returns their stats."""
+    t0 = time.time()
+    directory = pathlib.Path(config.memory.dir or pathlib.Path(workdir) / "memory")
+    cfg = PipelineConfig.from_mapping(config.memory)
+    convs = [c for c, _ in select_locomo(config)]
+    if policy is None:   # its tokenizer also fills the bank tensors, as evaluate.py does
+        from mr1.models import load_policy
+        policy = load_policy(config.model)
+    builder = MemoryBuilder(cfg, embedder or load_embedder(), policy, generate_fn=generate_fn)
+    mems = build_all(builder, convs, directory, progress=config.progress, log=log)
+    stats = {k: m.stats.to_dict() for k, m in mems.items()}
+    log(json.dumps(stats, indent=1))
+    log(f"{len(mems)} conversations in {directory} ({time.time() - t0:.1f} s)")
+    return stats
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError("Too many command-line arguments.")
+    if os.environ.get("MR1_DISTRIBUTED"):
+        jax.distributed.initialize()
+    logging.info("JAX devices: %s", jax.devices())
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,1 @@
+"""ml_collections configs for the experiments (``--config=experiments/configs/<name>.py``)."""
