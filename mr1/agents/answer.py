@@ -59,7 +59,7 @@ def parse_answer(text: str | None) -> ParsedAnswer:
         first = _clean(lines[0]) if lines else ""
         if not first:
             first = next((_clean(line) for line in lines[1:] if _clean(line)), "")
-        distilled = tuple(x for x in (_clean(_BULLET.sub("", line))
+        distilled = tuple(x for x in (_clean(_BULLET.sub("", _MARKER.sub("", line)))
                                       for line in before.splitlines()) if x)
         return ParsedAnswer(first, distilled, False)
     lines = [line for line in text.splitlines() if line.strip()]

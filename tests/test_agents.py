@@ -1,0 +1,175 @@
+"""mr1.agents: answer-line parsing, the memory pipeline on a hand-made conversation, prompts.
+
+No LLM runs here: the manager's generate is a stand-in returning fixed JSON, and the embedder is
+a deterministic hash embedding, so the file takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+
+import numpy as np
+import pytest
+
+from mr1.agents import prompts as P
+from mr1.agents.answer import AnswerAgent, parse_answer
+from mr1.agents.pipeline import (MemoryBuilder, PipelineConfig, is_done, load_memory,
+                                 parse_facts, save_memory)
+from mr1.data.records import QA, Conversation, Observation, Session, Turn
+
+
+class HashEmbedder:
+    dim = 16
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
+        n = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(n, 1e-12)
+
+
+def fake_generate(replies):
+    """A generate stand-in: returns ``replies(prompt)`` for each prompt; records the calls."""
+    calls = []
+
+    def gen(policy, prompts, max_new_tokens=32, temperature=0.0, **kw):
+        calls.append(list(prompts))
+        return types.SimpleNamespace(texts=[replies(p) for p in prompts])
+
+    gen.calls = calls
+    return gen
+
+
+def conversation():
+    s1 = Session(1, "1 May 2023", (Turn("Ann", "I adopted a cat.", "D1:1", 1, "1 May 2023"),
+                                  Turn("Bob", "I live in Oslo.", "D1:2", 1, "1 May 2023")))
+    s2 = Session(2, "9 May 2023", (Turn("Ann", "My cat is named Tom.", "D2:1", 2, "9 May 2023"),
+                                  Turn("Bob", "I moved to Rome.", "D2:2", 2, "9 May 2023")))
+    obs = (Observation(1, "Ann", "Ann adopted a cat."), Observation(1, "Bob", "Bob lives in Oslo."),
+           Observation(2, "Ann", "Ann's cat is named Tom."),
+           Observation(2, "Bob", "Bob moved to Rome."), Observation(2, "Zed", "Not a speaker."))
+    qa = QA("Where does Bob live?", "Rome", ("D2:2",), 4, "c1", question_id="c1/q0")
+    return Conversation("c1", "Ann", "Bob", (s1, s2), (qa,), obs)
+
+
+# ----------------------------------------------------------------------------- parse_answer
+
+@pytest.mark.parametrize("text,answer,distilled,missing", [
+    ("- Bob lives in Rome\n**Answer:** Rome", "Rome", ("Bob lives in Rome",), False),
+    ("**Answer:** 7 May 2023.", "7 May 2023.", (), False),
+    ("Answer: Rome", "Rome", (), False),
+    ("**Answer**: \"Rome\"", "Rome", (), False),
+    ("mem\n**Answer:**\n\n Rome \n", "Rome", ("mem",), False),
+    ("**Answer:** Oslo\n**Answer:** Rome", "Rome", ("Oslo",), False),   # last marker wins
+    ("1. a memory\n2. another\nRome", "Rome", ("a memory", "another"), True),
+    ("Rome", "Rome", (), True),
+    ("", "", (), True),
+    ("  \n \n", "", (), True),
+    (None, "", (), True),
+])
+def test_parse_answer(text, answer, distilled, missing):
+    p = parse_answer(text)
+    assert (p.answer, p.distilled, p.answer_line_missing) == (answer, distilled, missing)
+
+
+def test_parse_facts():
+    assert parse_facts("Facts:\n- Ann has a cat.\n2) Ann likes Tom\nNONE\n\n", 4) == [
+        "Ann has a cat.", "Ann likes Tom"]
+    assert parse_facts("a\nb\nc", 2) == ["a", "b"]
+    assert parse_facts("", 3) == []
+
+
+def test_prompts_contain_pieces():
+    p = P.answer_prompt("Q?", "Ann", "Bob", [("1 May", "m1")], [])
+    assert "**Answer:**" in p and "- [1 May] m1" in p and "(none)" in p and "Q?" in p
+    m = P.memory_manager_prompt("Ann", "fact", [(0, "old")])
+    assert '"memory"' in m and "[0] old" in m and "fact" in m
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def test_observations_add_all_builds_per_speaker_banks():
+    b = MemoryBuilder(PipelineConfig(num_slots=8, max_len=16), HashEmbedder())
+    mem = b.build(conversation())
+    ann, bob = mem.by_name("Ann"), mem.by_name("Bob")
+    assert [t for _, t, _ in ann.items()] == ["Ann adopted a cat.", "Ann's cat is named Tom."]
+    assert [(t, ts) for _, t, ts in bob.items()] == [("Bob lives in Oslo.", "1 May 2023"),
+                                                     ("Bob moved to Rome.", "9 May 2023")]
+    assert mem.stats.facts == 4 and mem.stats.skipped_facts == 1
+    assert mem.stats.ops["ADD"] == 4 and mem.stats.num_invalid == 0
+    assert np.asarray(bob.bank.speaker)[:2].tolist() == [1, 1]
+    # bank tokens are UTF-8 bytes without a policy, truncated to max_len
+    row = np.asarray(ann.bank.tokens[0])[: int(ann.bank.lengths[0])]
+    assert bytes(row.tolist()).decode() == "Ann adopted a cat."[:16]
+
+
+def test_llm_manager_applies_update_delete_and_counts_invalid():
+    def replies(prompt):
+        if "New fact: Bob moved to Rome." in prompt:     # memory [0] is "Bob lives in Oslo."
+            assert "[0] Bob lives in Oslo." in prompt
+            return ('{"memory": [{"id": "0", "text": "Bob moved from Oslo to Rome.", '
+                    '"event": "UPDATE", "old_memory": "Bob lives in Oslo."}]}')
+        if "New fact: Ann's cat is named Tom." in prompt:
+            return '{"memory": [{"id": "7", "event": "DELETE"}]}'   # id not shown -> invalid
+        if "New fact: Ann adopted a cat." in prompt:
+            return "garbage"                                      # no operation -> invalid
+        return '{"memory": [{"id": "0", "text": "' + prompt.split("New fact: ")[1].split(
+            "\n")[0] + '", "event": "ADD"}]}'
+
+    gen = fake_generate(replies)
+    cfg = PipelineConfig(facts="observations", manager="llm", num_slots=8, max_len=16)
+    mem = MemoryBuilder(cfg, HashEmbedder(), policy=types.SimpleNamespace(tokenizer=None,
+                                                                          pad_token_id=0),
+                        generate_fn=gen).build(conversation())
+    assert len(gen.calls) == 2 and [len(c) for c in gen.calls] == [2, 2]   # one call/session
+    assert [t for _, t, _ in mem.by_name("Bob").items()] == ["Bob moved from Oslo to Rome."]
+    assert mem.by_name("Bob").items()[0][2] == "9 May 2023"
+    assert mem.by_name("Ann").items() == []
+    assert mem.stats.ops == {"ADD": 1, "UPDATE": 1, "NOOP": 2}
+    assert mem.stats.invalid == {"unknown_id": 1, "no_operation": 1}
+    assert mem.stats.num_invalid == 2
+
+
+def test_delete_then_update_same_slot_is_refused_not_raised():
+    def replies(prompt):
+        if "Bob moved to Rome." in prompt:
+            return ('{"memory": [{"id": "0", "event": "DELETE"}, '
+                    '{"id": "0", "text": "x", "event": "UPDATE"}]}')
+        fact = prompt.split("New fact: ")[1].split("\n")[0]
+        return '{"memory": [{"id": "0", "text": "' + fact + '", "event": "ADD"}]}'
+
+    cfg = PipelineConfig(manager="llm", num_slots=8, max_len=16)
+    mem = MemoryBuilder(cfg, HashEmbedder(), policy=types.SimpleNamespace(tokenizer=None),
+                        generate_fn=fake_generate(replies)).build(conversation())
+    assert mem.by_name("Bob").items() == []
+    assert mem.stats.refused == {"bad_target": 1}
+
+
+def test_save_load_roundtrip(tmp_path):
+    mem = MemoryBuilder(PipelineConfig(num_slots=8, max_len=16), HashEmbedder()).build(
+        conversation())
+    save_memory(mem, tmp_path)
+    assert is_done(tmp_path, "c1") and not list(tmp_path.glob(".*tmp"))
+    back = load_memory(tmp_path, "c1")
+    assert back.by_name("Bob").items() == mem.by_name("Bob").items()
+    np.testing.assert_array_equal(back.speakers[0].bank.embeddings,
+                                  mem.speakers[0].bank.embeddings)
+    assert back.stats.to_dict() == mem.stats.to_dict()
+
+
+def test_answer_agent_one_generate_call_per_batch():
+    conv = conversation()
+    mem = MemoryBuilder(PipelineConfig(num_slots=8, max_len=16), HashEmbedder()).build(conv)
+    gen = fake_generate(lambda p: "- Bob moved to Rome\n**Answer:** Rome" if "Bob live" in p
+                        else "no marker here")
+    agent = AnswerAgent(None, HashEmbedder(), top_k=1, batch_size=8, generate_fn=gen)
+    qas = [conv.qas[0], QA("What is the cat called?", "Tom", (), 4, "c1")]
+    res = agent.answer(conv, mem, qas)
+    assert len(gen.calls) == 1 and len(gen.calls[0]) == 2
+    assert res[0].answer == "Rome" and not res[0].answer_line_missing
+    assert res[1].answer_line_missing and res[1].answer == "no marker here"
+    # top_k=1 per speaker: exactly one memory line of each speaker
+    assert gen.calls[0][0].count("\n- [") == 2
