@@ -369,8 +369,12 @@ def _cmd_list(names: list[str]) -> int:
 
 
 def _cmd_download(names: list[str]) -> int:
+    """Downloads each dataset that cannot already be found (``$MR1_DATA_DIR``, cache)."""
     for name in names or DATASETS:
-        print(download(name))
+        try:
+            print(f"{name}: found at {resolve(name)}")
+        except DataNotFoundError:
+            print(download(name))
     return 0
 
 
