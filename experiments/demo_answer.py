@@ -37,7 +37,7 @@ Memories of {b}:
 {mem_b}
 
 Question: {question}
-Answer in a few words."""
+Answer in a few words, with the date if the question asks when."""
 
 
 def main(argv):
@@ -46,7 +46,9 @@ def main(argv):
     split = split_locomo(load_locomo(_DATA.value))
     conv = next(c for c in (*split.train, *split.validation, *split.test)
                 if c.sample_id == _CONV.value)
-    memories = [(o.speaker, o.text) for o in conv.observations]
+    dates = {s.idx: s.date for s in conv.sessions}
+    memories = [(o.speaker, f"({dates.get(o.session_idx, '?')}) {o.text}")
+                for o in conv.observations]
     embedder = load_embedder()
     policy = load_policy("smollm2-135m-instruct")
     mem_emb = embedder.encode([f"{s}: {t}" for s, t in memories])
