@@ -3,7 +3,8 @@
 Shapes are fixed per (batch bucket, prompt-length bucket, max_new_tokens, knobs), so repeated
 calls reuse one compiled program. Prompts are left-padded; every row decodes into the same cache
 slot at each step, with its own RoPE position. With ``num_samples=G`` the prompt is prefilled once
-and its KV cache copied G times (the group of a GRPO step shares one prefill).
+and its keys/values are kept once, as a prefix that the G samples attend together (one matmul
+per group); only generated tokens get per-sample cache slots.
 
 ``logprobs`` are log pi(token) under the model's own distribution (temperature 1, no top-k/p):
 exactly the old-policy log-probabilities PPO/GRPO ratios need.
@@ -139,22 +140,23 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def run(params, prompt_ids, prompt_mask, rng):
-        b, t = prompt_ids.shape
-        s = t + new
+        b = prompt_ids.shape[0]
         logits, prompt_kv = prefill(params, model_cfg, prompt_ids, prompt_mask)
+        # The prompt's keys/values stay one copy per prompt (a shared prefix the G samples
+        # attend together); only the generated tokens get a per-sample cache.
+        prefix = KVCache(k=prompt_kv[0], v=prompt_kv[1])
+        prefix_mask = prompt_mask.astype(bool)
 
-        rep = lambda x, axis=0: jnp.repeat(x, g, axis=axis) if g > 1 else x  # noqa: E731
+        rep = lambda x: jnp.repeat(x, g, axis=0) if g > 1 else x  # noqa: E731
         n = b * g
-        cache = KVCache.zeros(model_cfg, n, s, params["embed"].dtype)
-        cache = cache.write((rep(prompt_kv[0], 1), rep(prompt_kv[1], 1)), 0)
-        key_valid = rep(jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((b, new), bool)], 1))
+        cache = KVCache.zeros(model_cfg, n, new, params["embed"].dtype)
         logits = rep(logits)
         next_pos = rep(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32))
         done = rep(jnp.sum(prompt_mask, axis=-1) == 0)  # batch-padding rows never sample
         self_mask = jnp.ones((n, 1, 1), bool)
 
-        state = dict(i=jnp.int32(0), rng=rng, logits=logits, cache=cache, key_valid=key_valid,
-                     pos=next_pos, done=done,
+        state = dict(i=jnp.int32(0), rng=rng, logits=logits, cache=cache,
+                     key_valid=jnp.zeros((n, new), bool), pos=next_pos, done=done,
                      tokens=jnp.full((n, new), pad_id, jnp.int32),
                      logprobs=jnp.zeros((n, new), jnp.float32),
                      lengths=jnp.zeros((n,), jnp.int32))
@@ -173,10 +175,11 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
             lengths = st["lengths"] + alive.astype(jnp.int32)
             done = st["done"] | jnp.isin(tok, eos)
             hidden, kv = transformer.forward(params, model_cfg, tok[:, None], st["pos"][:, None],
-                                             self_mask, st["cache"], st["key_valid"][:, None, :])
+                                             self_mask, st["cache"], st["key_valid"][:, None, :],
+                                             prefix, prefix_mask)
             logits = transformer.logits_from_hidden(params, model_cfg, hidden[:, 0])
-            return dict(i=i + 1, rng=rng, logits=logits, cache=st["cache"].write(kv, t + i),
-                        key_valid=st["key_valid"].at[:, t + i].set(True),
+            return dict(i=i + 1, rng=rng, logits=logits, cache=st["cache"].write(kv, i),
+                        key_valid=st["key_valid"].at[:, i].set(True),
                         pos=st["pos"] + 1, done=done, tokens=tokens, logprobs=logprobs,
                         lengths=lengths)
 

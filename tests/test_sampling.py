@@ -145,3 +145,17 @@ def test_sampled_frequencies_follow_the_distribution():
                        minlength=5) / 20000
     p2 = np.asarray([0.25, 0.0625, 0.0225, 0.01, 0.0])
     np.testing.assert_allclose(freq, p2 / p2.sum(), atol=0.012)
+
+
+def test_group_logprobs_match_full_forward(tiny):
+    """Samples of a group attend one shared prompt prefix; their logprobs must equal a plain
+    full-sequence forward of prompt + completion."""
+    prompts = _prompts(2, lo=10, hi=20, seed=5)
+    out = generate(tiny, prompts, max_new_tokens=6, temperature=1.0, seed=2, chat=False,
+                   num_samples=3, ignore_eos=True)
+    for row in range(6):
+        p = prompts[row // 3]
+        seq = np.asarray([p + out.tokens[row].tolist()])
+        logp = jax.nn.log_softmax(tiny.logits(seq)[0], axis=-1)
+        want = [logp[len(p) - 1 + j, out.tokens[row, j]] for j in range(6)]
+        np.testing.assert_allclose(out.logprobs[row], want, atol=1e-4)

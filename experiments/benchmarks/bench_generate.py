@@ -5,11 +5,12 @@
 
 Same model (the embedded SmolLM2-135M-Instruct GGUF, float32 on both sides), same ≈560-token
 chat prompts (LoCoMo dialogue when the data is found, else synthetic text), 32 new tokens
-sampled at temperature 1.0 with EOS ignored so every row makes exactly 32 tokens. Printed per
-batch size (medians over repeats):
+sampled at temperature 1.0 with EOS ignored so every row makes exactly 32 tokens. Batch sizes
+of distinct prompts, plus GRPO rollout shapes (``--groups=4x8``: 4 prompts x 8 samples; HF with
+``num_return_sequences``). Printed per shape (medians over repeats):
 
 * end-to-end new tokens/s (prefill included, what a caller waits for);
-* prefill tokens/s (timed as a 1-new-token call);
+* prefill tokens/s (timed as a 1-new-token call; a group's prompt counts once);
 * decode-only new tokens/s = B * 31 / (t_32 - t_1);
 * MFU of the end-to-end call against the float32 matmul peak measured here (2048² matmul).
 
@@ -89,9 +90,9 @@ def generation_flops(cfg, batch: int, prompt: int, new: int) -> float:
     return batch * (pre + dec)
 
 
-def bench_mr1(policy, prompts, repeats):
+def bench_mr1(policy, prompts, repeats, samples=1):
     run = lambda new: generate(policy, prompts, max_new_tokens=new, temperature=1.0,  # noqa
-                               seed=0, ignore_eos=True)
+                               seed=0, ignore_eos=True, num_samples=samples)
     run(1), run(NEW_TOKENS)  # compile both shapes
     return timed(lambda: run(1), repeats), timed(lambda: run(NEW_TOKENS), repeats)
 
@@ -107,7 +108,7 @@ def load_hf():
     return model.eval()
 
 
-def bench_hf(model, prompts, pad_id, repeats):
+def bench_hf(model, prompts, pad_id, repeats, samples=1):
     import torch
 
     from mr1.sampling import left_pad
@@ -119,7 +120,7 @@ def bench_hf(model, prompts, pad_id, repeats):
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                            top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-                           pad_token_id=pad_id)
+                           pad_token_id=pad_id, num_return_sequences=samples)
 
     with torch.inference_mode():  # warm-up: torch's first call pays one-off initialisation
         model.generate(input_ids=ids[:1], attention_mask=mask[:1], do_sample=True,
@@ -130,6 +131,8 @@ def bench_hf(model, prompts, pad_id, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--groups", default="4x8",
+                    help="PROMPTSxSAMPLES rollout shapes (G samples share one prompt), '' for none")
     ap.add_argument("--prompt_tokens", type=int, default=560)
     ap.add_argument("--repeats", type=int, default=3, help="mr1 repeats per measurement")
     ap.add_argument("--hf_repeats", type=int, default=1, help="HF repeats (slow)")
@@ -155,17 +158,20 @@ def main():
     print("| impl | batch | end-to-end new tok/s | decode-only new tok/s | prefill tok/s "
           "| end-to-end s | MFU | speed-up vs HF (e2e / decode) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for b in batches:
-        prompts = all_prompts[:b]
+    shapes = [(b, 1) for b in batches]
+    shapes += [tuple(int(x) for x in g.split("x")) for g in args.groups.split(",") if g]
+    for p, g in shapes:
+        prompts = all_prompts[:p]
+        b = p * g
         plen = max(map(len, prompts))
-        flops = generation_flops(cfg, b, plen, NEW_TOKENS)
-        rows = {}
-        t1, t32 = bench_mr1(policy, prompts, args.repeats)
-        rows["mr1 (jax)"] = (t1, t32)
+        flops = generation_flops(cfg, b, plen, NEW_TOKENS) - (b - p) * generation_flops(
+            cfg, 1, plen, 1)  # a group's prompt is prefilled once
+        rows = {"mr1 (jax)": bench_mr1(policy, prompts, args.repeats, g)}
         if hf is not None:
             rows["HF transformers (torch)"] = bench_hf(hf, prompts, policy.pad_token_id,
-                                                      args.hf_repeats)
+                                                      args.hf_repeats, g)
         ref = rows.get("HF transformers (torch)")
+        label = f"{b}" if g == 1 else f"{b} ({p} prompts x {g})"
         for name, (t1, t32) in rows.items():
             e2e = b * NEW_TOKENS / t32
             dec = b * (NEW_TOKENS - 1) / max(t32 - t1, 1e-9)
@@ -175,8 +181,8 @@ def main():
                 ref_e2e = b * NEW_TOKENS / ref[1]
                 ref_dec = b * (NEW_TOKENS - 1) / max(ref[1] - ref[0], 1e-9)
                 speed = f"{e2e / ref_e2e:.1f}x / {dec / ref_dec:.1f}x"
-            print(f"| {name} | {b} | {e2e:.1f} | {dec:.1f} | {b * plen / t1:.0f} | {t32:.2f} "
-                  f"| {100 * mfu:.0f}% | {speed} |", flush=True)
+            print(f"| {name} | {label} | {e2e:.1f} | {dec:.1f} | {p * plen / t1:.0f} "
+                  f"| {t32:.2f} | {100 * mfu:.0f}% | {speed} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,17 +110,18 @@ def _dense_init(std: float = 0.02):
 class Block(nn.Module):
     """One pre-norm decoder block; called through ``nn.scan`` over layers.
 
-    Attention covers two key sets: this layer's slice of the (read-only) KV cache, masked by
-    ``cache_mask [B, T, S]``, and the block's own new keys, masked by ``mask [B, T, T]``. The new
-    keys/values are returned as scan outputs and written into the cache once, after all layers,
-    by :meth:`KVCache.write`: updating the stacked cache inside the layer scan made XLA copy all
-    of it per layer (4x slower decode on CPU).
+    Attention covers up to three key segments under one softmax: a prefix shared by groups of
+    rows (the prompt of G samples, ``prefix_mask [P, S_p]``), this layer's slice of the
+    (read-only) KV cache (``cache_mask [B, T, S]``), and the block's own new keys
+    (``mask [B, T, T]``). The new keys/values are returned as scan outputs and written into the
+    cache once, after all layers, by :meth:`KVCache.write`: updating the stacked cache inside the
+    layer scan made XLA copy all of it per layer (4x slower decode on CPU).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h, layer_kv, cos, sin, mask, cache_mask):
+    def __call__(self, h, layer_kv, cos, sin, mask, cache_mask, prefix_mask):
         cfg = self.cfg
         b, t, d = h.shape
         nh, nk, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -147,19 +148,21 @@ class Block(nn.Module):
             s = s.reshape(b, nk, g, t, -1)
             return jnp.where(key_mask[:, None, None, :, :], s, _NEG_INF)
 
-        s_new = scores(k, mask)
-        if layer_kv is None:
-            probs = jax.nn.softmax(s_new, axis=-1).astype(v.dtype).reshape(b, nk, g * t, t)
-            attn = jnp.einsum("bkqs,bksd->bkqd", probs, v)
-        else:
-            ck, cv = layer_kv
-            s_all = jnp.concatenate([scores(ck, cache_mask), s_new], axis=-1)
-            probs = jax.nn.softmax(s_all, axis=-1).astype(v.dtype)
-            n_cached = ck.shape[2]
-            p_cache = probs[..., :n_cached].reshape(b, nk, g * t, n_cached)
-            p_new = probs[..., n_cached:].reshape(b, nk, g * t, t)
-            attn = (jnp.einsum("bkqs,bksd->bkqd", p_cache, cv.astype(v.dtype))
-                    + jnp.einsum("bkqs,bksd->bkqd", p_new, v))
+        # Key segments: [shared prefix], [cache], this call's keys; one softmax over all.
+        prefix_kv, cache_kv = layer_kv
+        segments = []  # (scores [B, K, G, T, S_i], values-apply function)
+        if prefix_kv is not None:
+            segments.append(_prefix_segment(q, prefix_kv, prefix_mask, b, nk, g, t, hd))
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            segments.append((scores(ck, cache_mask), _values(cv, b, nk, g, t)))
+        segments.append((scores(k, mask), _values(v, b, nk, g, t)))
+        widths = [sc.shape[-1] for sc, _ in segments]
+        probs = jax.nn.softmax(jnp.concatenate([sc for sc, _ in segments], axis=-1), axis=-1)
+        attn, start = 0.0, 0
+        for (_, apply_values), width in zip(segments, widths):
+            attn = attn + apply_values(probs[..., start:start + width].astype(v.dtype))
+            start += width
         attn = attn.reshape(b, nk, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd)
         h = h + (attn.astype(h.dtype) @ p("wo", (nh * hd, d)).astype(h.dtype))
 
@@ -170,13 +173,49 @@ class Block(nn.Module):
         return h, (k, v)
 
 
+def _values(v, b, nk, g, t):
+    """``probs [B, K, G, T, S] -> [B, K, G*T, hd]`` against per-row values ``v [B, K, S, hd]``."""
+    return lambda p: jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, nk, g * t, -1), v.astype(p.dtype))
+
+
+def _prefix_segment(q, prefix_kv, prefix_mask, b, nk, g, t, hd):
+    """Scores and value-apply for a key prefix shared by groups of consecutive rows.
+
+    ``prefix_kv`` holds ``[P, K, S, hd]`` keys/values for ``P`` prompts; query rows
+    ``r * n .. (r + 1) * n - 1`` (``n = B / P``, the samples of prompt ``r``) all attend prefix
+    ``r``. The group's queries become extra rows of one matmul, so the prefix is read once per
+    group instead of once per sample.
+    """
+    pk, pv = prefix_kv
+    p_rows = pk.shape[0]
+    n = b // p_rows
+    s = pk.shape[2]
+    qp = q.reshape(p_rows, n, nk, g * t, hd).transpose(0, 2, 1, 3, 4)
+    qp = qp.reshape(p_rows, nk, n * g * t, hd)
+    sc = jnp.einsum("pkqd,pksd->pkqs", qp, pk.astype(q.dtype),
+                    preferred_element_type=jnp.float32) * (hd ** -0.5)
+    sc = sc.reshape(p_rows, nk, n, g, t, s).transpose(0, 2, 1, 3, 4, 5).reshape(b, nk, g, t, s)
+    valid = jnp.repeat(prefix_mask.astype(bool), n, axis=0)  # [B, S]
+    sc = jnp.where(valid[:, None, None, None, :], sc, _NEG_INF)
+
+    def apply_values(p):  # p [B, K, G, T, S]
+        pp = p.reshape(p_rows, n, nk, g * t, s).transpose(0, 2, 1, 3, 4)
+        out = jnp.einsum("pkqs,pksd->pkqd", pp.reshape(p_rows, nk, n * g * t, s),
+                         pv.astype(p.dtype))
+        out = out.reshape(p_rows, nk, n, g * t, hd).transpose(0, 2, 1, 3, 4)
+        return out.reshape(b, nk, g * t, hd)
+
+    return sc, apply_values
+
+
 class Decoder(nn.Module):
     """Token ids to final hidden states (after the last RMSNorm); the LM head is separate."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, mask, cache=None, cache_mask=None):
+    def __call__(self, tokens, positions, mask, cache=None, cache_mask=None, prefix=None,
+                 prefix_mask=None):
         cfg = self.cfg
         embed = self.param("embed", _dense_init(), (cfg.vocab_size, cfg.hidden_size))
         if not cfg.tie_embeddings:
@@ -187,11 +226,12 @@ class Decoder(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, name="layers")
-        layer_kv = None if cache is None else (cache.k, cache.v)
-        h, new_kv = layers(h, layer_kv, cos, sin, mask, cache_mask)
+        layer_kv = (None if prefix is None else (prefix.k, prefix.v),
+                    None if cache is None else (cache.k, cache.v))
+        h, new_kv = layers(h, layer_kv, cos, sin, mask, cache_mask, prefix_mask)
         h = RMSNorm(cfg.rms_norm_eps, name="final_norm")(h)
         return h, new_kv
 
@@ -205,7 +245,8 @@ def init_params(cfg: ModelConfig, rng: Array, dtype=jnp.float32) -> dict:
 
 
 def forward(params: dict, cfg: ModelConfig, tokens: Array, positions: Array, mask: Array,
-            cache: KVCache | None = None, cache_mask: Array | None = None):
+            cache: KVCache | None = None, cache_mask: Array | None = None,
+            prefix: KVCache | None = None, prefix_mask: Array | None = None):
     """Runs the decoder.
 
     Args:
@@ -216,12 +257,16 @@ def forward(params: dict, cfg: ModelConfig, tokens: Array, positions: Array, mas
       mask: bool ``[B, T, T]``: query t may attend new key s (causal and not padding).
       cache: optional :class:`KVCache` of earlier tokens (read only).
       cache_mask: bool ``[B, T, S]``: query t may attend cache slot s (with ``cache``).
+      prefix: optional :class:`KVCache` ``[L, P, K, S_p, hd]`` shared by groups of ``B / P``
+        consecutive rows (the G samples of a prompt), attended before ``cache``.
+      prefix_mask: bool ``[P, S_p]``: valid prefix slots (with ``prefix``).
 
     Returns:
       ``(hidden [B, T, D], (k, v))`` with this call's keys/values ``[L, B, K, T, hd]``; write
       them into a cache with :meth:`KVCache.write`.
     """
-    return Decoder(cfg).apply({"params": params}, tokens, positions, mask, cache, cache_mask)
+    return Decoder(cfg).apply({"params": params}, tokens, positions, mask, cache, cache_mask,
+                              prefix, prefix_mask)
 
 
 def lm_head(params: dict, cfg: ModelConfig) -> Array:
