@@ -20,7 +20,6 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 

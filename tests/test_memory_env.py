@@ -75,7 +75,6 @@ def test_reward_hook_and_vmap_over_episodes():
         return jnp.where(result.applied, 1.0, -1.0) * (next_state.bank.valid.sum() + 0.0)
 
     env = MemoryManagerEnv(reward_fn=reward_fn)
-    B = 3
     eps = [episode(n) for n in (1, 2, 4)]
     params = jax.tree.map(lambda *x: jnp.stack(x), *[
         env.make_params(e, mb.empty_bank(S, L, D, full_policy="evict_lru"), top_k=K)
