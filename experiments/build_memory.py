@@ -14,16 +14,15 @@ workdir loads them.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from mr1.agents.pipeline import MemoryBuilder, PipelineConfig, build_all, select_locomo
 from mr1.memory.embedder import load_embedder
+from mr1.parallel import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluate/build config file",
                                           lock_config=True)
@@ -50,9 +49,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
-    if os.environ.get("MR1_DISTRIBUTED"):
-        jax.distributed.initialize()
-    logging.info("JAX devices: %s", jax.devices())
+    maybe_initialize_distributed()
     run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -15,12 +15,10 @@ else it is "not computed" (n/a in the table).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from mr1.agents.answer import AnswerAgent, full_context_prompts, rag_prompts
@@ -29,6 +27,7 @@ from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
 from mr1.memory.embedder import load_embedder
 from mr1.models import load_policy
+from mr1.parallel import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
                                           lock_config=True)
@@ -128,9 +127,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError("Too many command-line arguments.")
-    if os.environ.get("MR1_DISTRIBUTED"):   # multi-host launch: initialise the runtime first
-        jax.distributed.initialize()
-    logging.info("JAX devices: %s", jax.devices())
+    maybe_initialize_distributed()
     run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -36,6 +36,9 @@ import urllib.request
 import zlib
 from typing import Any, BinaryIO, Callable, Iterator
 
+from mr1 import assets
+from mr1.assets import sha256_file  # one implementation for assets and data
+
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
@@ -131,7 +134,7 @@ DATASETS: dict[str, DataFile] = {
 
 def cache_dir() -> pathlib.Path:
     """Folder of downloaded data: ``$MR1_CACHE/data`` (default ``~/.cache/mr1/data``)."""
-    return pathlib.Path(os.environ.get("MR1_CACHE", "~/.cache/mr1")).expanduser() / "data"
+    return assets.cache_dir() / "data"
 
 
 def data_dir() -> pathlib.Path | None:
@@ -222,15 +225,6 @@ Fetcher = Callable[[str], BinaryIO]
 def _urlopen(url: str, timeout: float = 60.0) -> BinaryIO:
     """Default fetcher: ``urllib`` (http, https and file:// URLs)."""
     return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (registry URLs only)
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(name: str, *, dest_dir: PathLike | None = None, url: str | None = None,
