@@ -189,6 +189,17 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
     return jax.jit(run)
 
 
+def sample_padded(policy, prompt_ids: np.ndarray, prompt_mask: np.ndarray, rng: jax.Array,
+                  cfg: SamplingConfig, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples from already left-padded ``[B, T]`` prompts (shapes kept exactly: trainers pad
+    every batch to one length so nothing recompiles). Returns host ``(tokens, logprobs,
+    lengths)`` with ``B * cfg.num_samples`` rows; ``params`` overrides ``policy.params``."""
+    fn = _compiled_sampler(policy.config, cfg, policy.eos_token_ids, policy.pad_token_id)
+    out = fn(policy.params if params is None else params, jnp.asarray(prompt_ids, jnp.int32),
+             jnp.asarray(prompt_mask, jnp.int32), rng)
+    return tuple(np.asarray(x) for x in jax.device_get(out))
+
+
 def encode_prompts(policy, prompts: Sequence[str], chat: bool = True,
                    system_prompt: str | None = None) -> list[list[int]]:
     """Token ids of each prompt, through the chat template when ``chat``."""

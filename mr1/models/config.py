@@ -128,6 +128,14 @@ def _tiny() -> ModelConfig:
                        eos_token_ids=(2,), pad_token_id=0)
 
 
+@register_preset("tiny-smollm2")
+def _tiny_smollm2() -> ModelConfig:
+    """``tiny`` with SmolLM2's vocabulary and special ids: pairs with the embedded tokenizer in
+    end-to-end tests of the trainers."""
+    return _tiny().replace(name="tiny-smollm2", vocab_size=49152, eos_token_ids=(2,),
+                           pad_token_id=2, bos_token_id=1)
+
+
 @register_preset("smollm2-135m")
 def _smollm2_135m() -> ModelConfig:
     return ModelConfig(name="smollm2-135m", vocab_size=49152, hidden_size=576,

@@ -89,7 +89,9 @@ def gae(rewards: jax.Array, values: jax.Array, dones: jax.Array | None = None, *
     notdone = 1.0 - d
 
     # time-major: [T, ...]
-    tm = lambda x: jnp.moveaxis(x, -1, 0)
+    def tm(x):
+        return jnp.moveaxis(x, -1, 0)
+
     deltas = r + gamma * v_next * notdone - v_t
 
     def step(carry, xs):

@@ -1,0 +1,316 @@
+"""The Answer Agent RL loop (GRPO or PPO), shared by ``experiments/{grpo,ppo}_answer.py``.
+
+One step (DESIGN.md §2): ``P`` training questions (a seeded permutation per epoch, so the data
+position is a function of the step) → ``G`` samples each at temperature 1 from the jitted
+sampler (one shared prefill per question) → rewards on the host from the parsed answer line →
+advantages (GRPO: group-normalised; PPO: GAE over tokens with a linear critic) → one jitted,
+sharded update (:mod:`mr1.rl.train_step`) → metrics (CSV + TensorBoard), validation on
+``conv-30`` every ``eval_every`` steps, an orbax checkpoint every ``checkpoint_every`` steps and
+at exit (SIGTERM included). Restarting with the same ``--workdir`` resumes from the latest
+checkpoint and reproduces the uninterrupted run: the rollout key is ``fold_in(seed, step)``.
+
+Rollouts run on every process over the whole batch (a local copy of the params); the update is
+data-parallel over the mesh. Rewards and metrics are host-side numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from mr1 import parallel
+from mr1.rl import advantages as A
+from mr1.rl import train_step as TS
+from mr1.rl.answer_task import PromptSet, build_prompt_set, score_answers
+from mr1.sampling import SamplingConfig, decode, sample_padded
+
+__all__ = ["train", "batch_indices", "Trainer"]
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
+    """Question indices of ``step``: consecutive slices of per-epoch seeded permutations."""
+    out = np.empty(batch, np.int64)
+    for k in range(batch):
+        epoch, i = divmod(step * batch + k, n)
+        out[k] = _permutation(seed, epoch, n)[i]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) jax array as a numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _load_policy(config):
+    from mr1.models import load_policy
+    from mr1.models.policy import load_tokenizer_from_gguf
+
+    tokenizer = None
+    if config.get("tokenizer", ""):
+        from mr1 import assets
+        src = config.tokenizer
+        path = assets.smollm2_gguf() if src == "embedded" else pathlib.Path(src)
+        tokenizer = load_tokenizer_from_gguf(path)
+    return load_policy(config.model, tokenizer=tokenizer, seed=config.seed)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the compiled pieces of one run; :meth:`run` is the loop."""
+
+    config: Any
+    workdir: pathlib.Path
+    policy: Any
+    train_set: PromptSet
+    val_set: PromptSet
+    log: Callable[[str], None] = print
+
+    def __post_init__(self):
+        c = self.config
+        self.algo = c.algo
+        self.G = c.rollout.group_size
+        self.P = c.rollout.prompts_per_step
+        self.mesh = parallel.make_mesh(c.parallel.num_devices)
+        n_dev = self.mesh.shape[parallel.DATA]
+        mb = c.rollout.microbatch_prompts or self.P
+        if self.P % mb or mb % n_dev:
+            raise ValueError(f"prompts_per_step {self.P} must split into micro-batches of "
+                             f"{mb} prompts, each divisible by the {n_dev} data-parallel devices")
+        self.mb = mb
+        self.lc = TS.LossConfig.from_mapping({**c.loss, "objective": self.algo})
+        critic_lr = c.optim.critic_learning_rate if self.algo == "ppo" else None
+        self.optimizer = TS.make_optimizer(
+            c.optim.learning_rate, critic_learning_rate=critic_lr,
+            warmup_steps=c.optim.warmup_steps, weight_decay=c.optim.weight_decay,
+            b1=c.optim.b1, b2=c.optim.b2, max_grad_norm=c.loss.max_grad_norm)
+        params = {"policy": self.policy.params}
+        if self.algo == "ppo":
+            params["value_head"] = TS.init_value_head(self.policy.config)
+        state = TS.init_train_state(params, self.optimizer, c.seed)
+        shard = lambda t: parallel.param_shardings(t, self.mesh, c.parallel.param_sharding)  # noqa: E731
+        self.state_sharding = TS.TrainState(step=parallel.replicated(self.mesh),
+                                            params=shard(state.params),
+                                            opt_state=shard(state.opt_state),
+                                            rng=parallel.replicated(self.mesh))
+        self.state = parallel.to_global(jax.device_get(state), self.state_sharding)
+        self.ref_params = None
+        if self.lc.kl_beta > 0:  # frozen reference = the initial policy
+            self.ref_params = parallel.to_global(jax.device_get({"policy": self.policy.params}),
+                                                 parallel.replicated(self.mesh))
+        self.update = TS.make_update(self.policy.config, self.lc, self.optimizer, self.mesh,
+                                     self.state_sharding)
+        self.score = TS.make_score(self.policy.config, with_values=self.algo == "ppo")
+        self.batch_sharding = parallel.batch_sharding(self.mesh, microbatched=True)
+        self.rollout_cfg = SamplingConfig(max_new_tokens=c.answer.max_new_tokens,
+                                          temperature=c.rollout.temperature,
+                                          num_samples=self.G)
+        self.greedy_cfg = SamplingConfig(max_new_tokens=c.answer.max_new_tokens)
+        self.nan_steps = set(c.debug.nan_reward_steps)
+
+    # ---------------------------------------------------------------- rollout
+    def rollout(self, step: int) -> tuple[dict, dict]:
+        """Samples ``G`` completions for the step's questions; returns (host arrays, metrics)."""
+        c, ts = self.config, self.train_set
+        idx = batch_indices(step, self.P, len(ts), c.seed)
+        key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
+        params = parallel.local_copy(self.state.params["policy"])
+        t0 = time.time()
+        tokens, logp, lengths = sample_padded(self.policy, ts.ids[idx], ts.mask[idx], key,
+                                              self.rollout_cfg, params=params)
+        rollout_s = time.time() - t0
+        texts = decode(self.policy, tokens, lengths)
+        golds = [ts.golds[i] for i in idx for _ in range(self.G)]
+        scores = score_answers(texts, golds, dict(c.reward))
+        rewards = scores["reward"]
+        if step in self.nan_steps:  # fault injection (tests): a NaN reward must skip the update
+            rewards = np.full_like(rewards, np.nan)
+        cmask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
+        arrays = {"prompt_ids": ts.ids[idx], "prompt_mask": ts.mask[idx], "tokens": tokens,
+                  "completion_mask": cmask, "old_logp": logp, "rewards": rewards}
+        n_new = int(lengths.sum())
+        prompt_tok = int(ts.mask[idx].sum())
+        metrics = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+                   "em_mean": float(scores["em"].mean()), "f1_mean": float(scores["f1"].mean()),
+                   "answer_line_frac": float(scores["answer_line"].mean()),
+                   "completion_len": float(lengths.mean()),
+                   "truncated_frac": float(np.mean(lengths >= tokens.shape[1])),
+                   "rollout_s": rollout_s, "rollout_tok_s": (n_new + prompt_tok) / rollout_s,
+                   "rollout_new_tok_s": n_new / rollout_s}
+        return arrays, metrics
+
+    def _to_batch(self, arrays: dict) -> TS.RolloutBatch:
+        host = TS.split_microbatches(arrays, self.P, self.G, self.mb)
+        return parallel.to_global(host, self.batch_sharding)
+
+    def advantages(self, arrays: dict) -> dict:
+        """Adds ``advantages`` (and PPO's ``returns`` / ``old_values``) to the host arrays."""
+        c, rewards = self.config, arrays["rewards"]
+        if self.algo == "grpo":
+            arrays["advantages"] = np.asarray(A.group_advantages(
+                rewards, self.G, normalize_std=c.loss.get("normalize_std", True)))
+            return arrays
+        batch = self._to_batch(arrays)
+        values = to_host(self.score(self.state.params, batch)["values"]).reshape(
+            arrays["tokens"].shape)
+        cm = arrays["completion_mask"]
+        last = np.maximum(cm.sum(-1).astype(np.int64) - 1, 0)
+        r = np.zeros_like(cm)
+        r[np.arange(len(r)), last] = rewards
+        done = np.zeros_like(cm)
+        done[np.arange(len(r)), last] = 1.0
+        adv, ret = A.gae(r, values * cm, done, gamma=c.loss.gamma, lam=c.loss.gae_lambda,
+                         mask=cm)
+        adv, ret = np.asarray(adv), np.asarray(ret)
+        if c.loss.whiten_advantages:
+            mu = (adv * cm).sum() / max(cm.sum(), 1.0)
+            sd = np.sqrt((((adv - mu) * cm) ** 2).sum() / max(cm.sum(), 1.0))
+            adv = (adv - mu) / (sd + 1e-6) * cm
+        arrays.update(advantages=adv.astype(np.float32), returns=ret.astype(np.float32),
+                      old_values=(values * cm).astype(np.float32))
+        return arrays
+
+    # ---------------------------------------------------------------- update
+    def train_step(self, step: int) -> dict:
+        arrays, metrics = self.rollout(step)
+        arrays = self.advantages(arrays)
+        t0 = time.time()
+        batch = self._to_batch(arrays)
+        if self.ref_params is not None:
+            ref = self.score(self.ref_params, batch)["logp"]
+            batch = batch.replace(ref_logp=ref)
+        self.state, m = self.update(self.state, batch)
+        m = {k: float(to_host(v)) for k, v in m.items()}
+        update_s = time.time() - t0
+        tokens = float(arrays["prompt_mask"].sum() + arrays["completion_mask"].sum())
+        metrics.update(m, update_s=update_s, update_tok_s=tokens / update_s,
+                       step_s=update_s + metrics["rollout_s"])
+        if m["skipped"]:
+            self.log(f"step {step}: non-finite loss/gradient, update skipped "
+                     f"(loss {m['loss']}, grad_norm {m['grad_norm']})")
+        return metrics
+
+    # ---------------------------------------------------------------- evaluation
+    def validate(self) -> dict:
+        """Greedy answers on the validation prompts: F1 / BLEU-1 / EM in percent."""
+        from mr1.agents.answer import parse_answer
+        from mr1.eval import metrics as M
+
+        vs, bs = self.val_set, self.config.eval.batch_size
+        params = parallel.local_copy(self.state.params["policy"])
+        texts = []
+        for s in range(0, len(vs), bs):
+            idx = np.arange(s, s + bs) % len(vs)  # the last batch wraps: one compiled shape
+            tok, _, lens = sample_padded(self.policy, vs.ids[idx], vs.mask[idx],
+                                         jax.random.PRNGKey(0), self.greedy_cfg, params=params)
+            texts += decode(self.policy, tok, lens)[: min(bs, len(vs) - s)]
+        parsed = [parse_answer(t) for t in texts]
+        f1 = [M.f1(p.answer, g) for p, g in zip(parsed, vs.golds)]
+        bleu = [M.bleu1(p.answer, g) for p, g in zip(parsed, vs.golds)]
+        em = [M.exact_match(p.answer, g) for p, g in zip(parsed, vs.golds)]
+        line = [not p.answer_line_missing for p in parsed]
+        return {"val_f1": 100 * float(np.mean(f1)), "val_bleu1": 100 * float(np.mean(bleu)),
+                "val_em": 100 * float(np.mean(em)), "val_answer_line": float(np.mean(line))}
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> dict:
+        from mr1.checkpoint import Checkpointer, StopSignal
+        from mr1.metrics_io import MetricsWriter, plot_curves
+
+        c = self.config
+        ckpt = Checkpointer(self.workdir / "checkpoints", save_every=c.checkpoint_every,
+                            max_to_keep=c.get("checkpoint_keep", 2))
+        start = 0
+        if ckpt.latest_step() is not None:
+            self.state, _ = ckpt.restore(self.state)
+            start = int(to_host(self.state.step))
+            self.log(f"resumed from {self.workdir / 'checkpoints'} at step {start}")
+        writer = MetricsWriter(self.workdir, resume_step=start)
+        num_steps = c.num_steps
+        last_val = {}
+        bar = _progress(range(start, num_steps), c.progress, initial=start, total=num_steps)
+        t_run = time.time()
+        with StopSignal() as stop:
+            if start == 0 and c.eval.every:
+                last_val = self.validate()
+                writer.write(0, last_val)
+                self.log(f"step 0 validation: {_fmt(last_val)}")
+            step = start
+            for step in bar:
+                metrics = self.train_step(step)
+                done = step + 1
+                if c.eval.every and (done % c.eval.every == 0 or done == num_steps):
+                    last_val = self.validate()
+                    metrics.update(last_val)
+                writer.write(done, metrics)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                                    val_f1=f"{last_val.get('val_f1', float('nan')):.1f}")
+                else:
+                    self.log(f"step {done}: {_fmt(metrics)}")
+                ckpt.save(done, self.state, metadata={"step": done})
+                if stop():  # all processes agree (mr1.checkpoint.StopSignal)
+                    self.log(f"SIGTERM: saving step {done} and stopping")
+                    break
+            final_step = int(to_host(self.state.step))
+            ckpt.save(final_step, self.state, force=True, metadata={"step": final_step})
+        ckpt.close()
+        writer.close()
+        png = plot_curves(self.workdir / "metrics.csv", self.workdir / "curves.png",
+                          panels=[("rollout reward (train)", ["reward_mean"]),
+                                  ("validation F1 / BLEU-1 (greedy, conv-30)",
+                                   ["val_f1", "val_bleu1"]),
+                                  ("answer length (tokens)", ["completion_len"]),
+                                  ("KL / clip", ["approx_kl", "clip_frac"])],
+                          title=f"{self.algo.upper()} Answer Agent, {c.model}")
+        summary = {"final_step": final_step, "wall_s": time.time() - t_run, **last_val,
+                   "curves": str(png)}
+        (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log(f"done: {_fmt(summary)}")
+        return summary
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
+def _progress(it, enabled: bool, **kw):
+    if not enabled or jax.process_index() != 0:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, desc="train", unit="step", **kw)
+
+
+def train(config, workdir, *, policy=None, embedder=None, log=print) -> dict:
+    """Builds the task from ``config`` and runs (or resumes) training in ``workdir``."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json(indent=2))
+    policy = policy or _load_policy(config)
+    if embedder is None:
+        from mr1.memory.embedder import load_embedder
+        embedder = load_embedder()
+    mem_dir = pathlib.Path(config.memory.get("dir", "") or workdir / "memory")
+    train_set = build_prompt_set(config, "train", policy, embedder, mem_dir,
+                                 max_questions=config.data.max_train_questions, log=log)
+    val_set = build_prompt_set(config, "validation", policy, embedder, mem_dir,
+                               max_questions=config.eval.num_questions, log=log)
+    return Trainer(config, workdir, policy, train_set, val_set, log=log).run()
+
