@@ -6,6 +6,8 @@
 Methods (``config.method``): ``memory`` (per-speaker banks built by mr1.agents.pipeline --
 resumed from ``<workdir>/memory`` or ``config.memory.dir`` -- then the Answer Agent with
 distillation), ``rag`` (top-k raw turns by embedding), ``full_context`` (newest turns that fit).
+``config.checkpoint`` (a trainer's ``<workdir>/checkpoints``) evaluates the trained params of
+the latest step instead of the loaded model's.
 Writes ``predictions.jsonl`` (question, gold, prediction, category, f1, bleu1, em, f1_locomo, j,
 answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` under the
 workdir. J comes from mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set,
@@ -14,6 +16,7 @@ else it is "not computed" (n/a in the table).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -55,6 +58,11 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     log(f"{config.split}: {len(selected)} conversations, {n_q} questions, method {config.method}")
     embedder = embedder or load_embedder()
     policy = policy or load_policy(config.model)
+    if config.get("checkpoint", ""):  # a trained policy: params from an RL run's checkpoints
+        from mr1.checkpoint import restore_params
+        trained = restore_params(config.checkpoint, {"policy": policy.params})
+        policy = dataclasses.replace(policy, params=trained["policy"])
+        log(f"policy params from {config.checkpoint}")
     agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k,
                         max_new_tokens=config.answer.max_new_tokens,
                         batch_size=config.answer.batch_size,
@@ -116,7 +124,8 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
             fh.write(json.dumps(r) + "\n")
     paths["markdown"].write_text(markdown + notes)
     paths["json"].write_text(json.dumps(
-        {"table": table, "method": config.method, "model": config.model, "split": config.split,
+        {"table": table, "method": config.method, "model": config.model,
+         "checkpoint": config.get("checkpoint", ""), "split": config.split,
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,
          "config": json.loads(config.to_json())}, indent=2))
