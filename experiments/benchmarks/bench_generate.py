@@ -21,30 +21,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from common import (
+    generation_flops,
+    machine_line,
+    matmul_peak_gflops,
+    table_header,
+    table_row,
+    timed,
+)
 
 from mr1 import assets
 from mr1.models import load_policy
 from mr1.sampling import encode_prompts, generate
 
 NEW_TOKENS = 32
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def build_prompts(policy, n: int, target_tokens: int) -> list[list[int]]:
@@ -55,7 +47,8 @@ def build_prompts(policy, n: int, target_tokens: int) -> list[list[int]]:
         turns = [f"{t.speaker}: {t.text}" for c in load_locomo() for t in c.turns]
     except Exception:  # noqa: BLE001 - data is optional for a benchmark
         rng = np.random.default_rng(0)
-        words = "memory agent answer question session friend painting city dog trip".split()
+        words = ["memory", "agent", "answer", "question", "session", "friend", "painting",
+                 "city", "dog", "trip"]
         turns = [" ".join(rng.choice(words, 12)) + "." for _ in range(5000)]
     prompts, start = [], 0
     for i in range(n):
@@ -73,25 +66,8 @@ def build_prompts(policy, n: int, target_tokens: int) -> list[list[int]]:
     return prompts
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def generation_flops(cfg, batch: int, prompt: int, new: int) -> float:
-    """Useful FLOPs: prompt tokens without the LM head (only the last needs it), then decode."""
-    head = 2.0 * cfg.hidden_size * cfg.vocab_size
-    pre = sum(cfg.flops_per_token(context=c + 1) - head for c in range(prompt)) + head
-    dec = sum(cfg.flops_per_token(context=prompt + i + 1) for i in range(new - 1))
-    return batch * (pre + dec)
-
-
 def bench_mr1(policy, prompts, repeats, samples=1):
-    run = lambda new: generate(policy, prompts, max_new_tokens=new, temperature=1.0,  # noqa
+    run = lambda new: generate(policy, prompts, max_new_tokens=new, temperature=1.0,
                                seed=0, ignore_eos=True, num_samples=samples)
     run(1), run(NEW_TOKENS)  # compile both shapes
     return timed(lambda: run(1), repeats), timed(lambda: run(NEW_TOKENS), repeats)
@@ -151,13 +127,12 @@ def main():
         except ImportError as e:
             print(f"(HF reference skipped: {e})")
 
-    print(f"\nmachine: {jax.devices()[0].platform} x{len(jax.devices())}, float32 matmul peak "
-          f"{peak:.0f} GFLOP/s (2048² jnp matmul, median)")
+    print("\n" + machine_line(peak))
     print(f"model: {cfg.name} ({cfg.num_params / 1e6:.0f}M params, float32); prompts "
           f"{args.prompt_tokens} tokens, {NEW_TOKENS} new tokens sampled at T=1.0, EOS ignored\n")
-    print("| impl | batch | end-to-end new tok/s | decode-only new tok/s | prefill tok/s "
-          "| end-to-end s | MFU | speed-up vs HF (e2e / decode) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(table_header(["impl", "batch", "end-to-end new tok/s", "decode-only new tok/s",
+                        "prefill tok/s", "end-to-end s", "MFU", "speed-up vs HF (e2e / decode)"],
+                       "lrrrrrrr"))
     shapes = [(b, 1) for b in batches]
     shapes += [tuple(int(x) for x in g.split("x")) for g in args.groups.split(",") if g]
     for p, g in shapes:
@@ -181,8 +156,8 @@ def main():
                 ref_e2e = b * NEW_TOKENS / ref[1]
                 ref_dec = b * (NEW_TOKENS - 1) / max(ref[1] - ref[0], 1e-9)
                 speed = f"{e2e / ref_e2e:.1f}x / {dec / ref_dec:.1f}x"
-            print(f"| {name} | {label} | {e2e:.1f} | {dec:.1f} | {p * plen / t1:.0f} "
-                  f"| {t32:.2f} | {100 * mfu:.0f}% | {speed} |", flush=True)
+            print(table_row([name, label, f"{e2e:.1f}", f"{dec:.1f}", f"{p * plen / t1:.0f}",
+                             f"{t32:.2f}", f"{100 * mfu:.0f}%", speed]), flush=True)
 
 
 if __name__ == "__main__":
