@@ -1,0 +1,36 @@
+"""The shared command line of the RL entry points (``experiments/{grpo,ppo}_answer.py``).
+
+absl + ``ml_collections.config_flags`` as in the Flax examples: ``--config=<file>`` (locked;
+override fields with ``--config.a.b=value``) and ``--workdir``; multi-host init when launched
+with ``MR1_DISTRIBUTED=1``.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mr1.parallel import maybe_initialize_distributed
+
+
+def run_answer_trainer(algo: str, default_workdir: str) -> None:
+    """Defines the flags, parses them and trains the Answer Agent with ``algo``."""
+    config_flag = config_flags.DEFINE_config_file("config", None, "training config",
+                                                  lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", default_workdir,
+                                       "checkpoints, metrics, curves (re-use to resume)")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError("Too many command-line arguments.")
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        maybe_initialize_distributed()
+        config = config_flag.value
+        if config.algo != algo:
+            raise app.UsageError(f"this entry point trains algo={algo!r}; the config has "
+                                 f"algo={config.algo!r}")
+        from mr1.rl.trainer import train
+        train(config, workdir_flag.value)
+
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
