@@ -304,3 +304,14 @@ def test_rewards():
         pytest.approx(0.25)
     with pytest.raises(KeyError):
         R.combined_reward({"nope": 1.0}, "a", "b")
+
+
+def test_brevity_reward():
+    brev = R.get_reward("brevity")
+    assert brev("Paris", "x") == 1.0
+    assert brev("one two three four five six", "x") == 1.0
+    assert brev("one two three four five six seven", "x") == 0.0
+    assert brev("", "x") == 0.0 and brev("   ", "x") == 0.0
+    assert brev(None, "x") == 0.0
+    assert R.combined_reward({"f1": 1.0, "brevity": 0.1}, "green tea", "green tea") == \
+        pytest.approx(1.1)

@@ -49,6 +49,7 @@ def get_config():
     c.reward.em = 1.0                   # exact match (the paper's reward)
     c.reward.f1 = 1.0                   # Mem0 set-token F1 (dense signal for a 135M model)
     c.reward.format = 0.2               # a "**Answer:** <= 6 words" line is present
+    c.reward.brevity = 0.1              # the parsed answer has 1..6 words (answer line or not)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.clip_eps_low = 0.2           # ratio clip below
@@ -66,9 +67,9 @@ def get_config():
     c.loss.whiten_advantages = True     # PPO: normalise token advantages over the batch
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-5        # actor (paper at 8B: 1e-6)
+    c.optim.learning_rate = 2e-5        # actor (paper at 8B: 1e-6)
     c.optim.critic_learning_rate = 1e-3  # PPO linear value head (paper's critic at 8B: 1e-5)
-    c.optim.warmup_steps = 4            # linear warm-up
+    c.optim.warmup_steps = 2            # linear warm-up
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99

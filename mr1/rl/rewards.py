@@ -9,6 +9,9 @@ itself is checked).
 * ``"f1"`` — :func:`mr1.eval.metrics.f1` (Mem0 set-token F1).
 * ``"format"`` — 1.0 when the completion has a line ``**Answer:** <answer>`` whose answer is
   non-empty and at most :data:`MAX_ANSWER_WORDS` words (the prompt asks for under 6), else 0.0.
+* ``"brevity"`` — 1.0 when the parsed answer (answer line, or the last line without one) is
+  non-empty and at most :data:`MAX_ANSWER_WORDS` words: a softer shaping term for small models
+  that rarely write the answer line at first.
 
 :func:`combined_reward` sums weighted terms, e.g. ``{"em": 1.0, "format": 0.1}``.
 """
@@ -21,7 +24,7 @@ from typing import Callable, Mapping
 from mr1.eval import metrics
 
 __all__ = ["REWARDS", "register_reward", "get_reward", "em_reward", "f1_reward",
-           "format_reward", "combined_reward", "MAX_ANSWER_WORDS"]
+           "format_reward", "brevity_reward", "combined_reward", "MAX_ANSWER_WORDS"]
 
 MAX_ANSWER_WORDS = 6
 
@@ -75,6 +78,14 @@ def format_reward(prediction: str, gold: str, completion: str | None = None, *,
     if not found:
         return 0.0
     words = found[-1].strip().strip("*").split()
+    return 1.0 if 0 < len(words) <= max_words else 0.0
+
+
+@register_reward("brevity")
+def brevity_reward(prediction: str, gold: str, completion: str | None = None, *,
+                   max_words: int = MAX_ANSWER_WORDS) -> float:
+    """1.0 if ``prediction`` is non-empty and has at most ``max_words`` words, else 0.0."""
+    words = prediction.split() if isinstance(prediction, str) else []
     return 1.0 if 0 < len(words) <= max_words else 0.0
 
 
