@@ -44,3 +44,8 @@ def hf_embedded(embedded_gguf, torch_mod):
                                                  gguf_file=embedded_gguf.name,
                                                  dtype=torch_mod.float32)
     return model.eval()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs several trainer subprocesses (minutes); "
+                                       "deselect with -m 'not slow'")
