@@ -272,6 +272,9 @@ class Trainer:
             ckpt.save(final_step, self.state, force=True, metadata={"step": final_step})
         ckpt.close()
         writer.close()
+        summary = {"final_step": final_step, "wall_s": time.time() - t_run, **last_val}
+        if jax.process_index() != 0:  # process 0 writes the run's files
+            return summary
         png = plot_curves(self.workdir / "metrics.csv", self.workdir / "curves.png",
                           panels=[("rollout reward (train)", ["reward_mean"]),
                                   ("validation F1 / BLEU-1 (greedy, conv-30)",
@@ -279,8 +282,7 @@ class Trainer:
                                   ("answer length (tokens)", ["completion_len"]),
                                   ("KL / clip", ["approx_kl", "clip_frac"])],
                           title=f"{self.algo.upper()} Answer Agent, {c.model}")
-        summary = {"final_step": final_step, "wall_s": time.time() - t_run, **last_val,
-                   "curves": str(png)}
+        summary["curves"] = str(png)
         (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"done: {_fmt(summary)}")
         return summary
@@ -308,9 +310,24 @@ def train(config, workdir, *, policy=None, embedder=None, log=print) -> dict:
         from mr1.memory.embedder import load_embedder
         embedder = load_embedder()
     mem_dir = pathlib.Path(config.memory.get("dir", "") or workdir / "memory")
-    train_set = build_prompt_set(config, "train", policy, embedder, mem_dir,
-                                 max_questions=config.data.max_train_questions, log=log)
-    val_set = build_prompt_set(config, "validation", policy, embedder, mem_dir,
-                               max_questions=config.eval.num_questions, log=log)
+
+    def prompt_sets():
+        return (build_prompt_set(config, "train", policy, embedder, mem_dir,
+                                 max_questions=config.data.max_train_questions, log=log),
+                build_prompt_set(config, "validation", policy, embedder, mem_dir,
+                                 max_questions=config.eval.num_questions, log=log))
+
+    if jax.process_count() == 1:
+        train_set, val_set = prompt_sets()
+    else:
+        # Process 0 builds (or loads) the memory banks first, the others after it: on a shared
+        # workdir they load its banks (two writers of one bank directory collide), on a local
+        # one they build the same banks themselves.
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+            train_set, val_set = prompt_sets()
+        multihost_utils.sync_global_devices("mr1.rl.trainer: memory banks built")
+        if jax.process_index() != 0:
+            train_set, val_set = prompt_sets()
     return Trainer(config, workdir, policy, train_set, val_set, log=log).run()
 
