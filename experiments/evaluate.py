@@ -7,7 +7,8 @@ Methods (``config.method``): ``memory`` (per-speaker banks built by mr1.agents.p
 resumed from ``<workdir>/memory`` or ``config.memory.dir`` -- then the Answer Agent with
 distillation), ``rag`` (top-k raw turns by embedding), ``full_context`` (newest turns that fit).
 ``config.checkpoint`` (a trainer's ``<workdir>/checkpoints``) evaluates the trained params of
-the latest step instead of the loaded model's.
+the latest step instead of the loaded model's; a LoRA run's adapters (``lora`` in the run's
+``config.json`` beside ``checkpoints/``) are merged into the loaded model, its base.
 Writes ``predictions.jsonl`` (question, gold, prediction, category, f1, bleu1, em, f1_locomo, j,
 answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` under the
 workdir. J comes from mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set,
@@ -59,10 +60,13 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     embedder = embedder or load_embedder()
     policy = policy or load_policy(config.model)
     if config.get("checkpoint", ""):  # a trained policy: params from an RL run's checkpoints
-        from mr1.checkpoint import restore_params
-        trained = restore_params(config.checkpoint, {"policy": policy.params})
-        policy = dataclasses.replace(policy, params=trained["policy"])
-        log(f"policy params from {config.checkpoint}")
+        from mr1.rl.trainer import load_trained_params, lora_rank, run_config
+        run_cfg = run_config(config.checkpoint)  # the RL run's config.json, {} if absent
+        trained = load_trained_params(config.checkpoint, policy.params, run=run_cfg)
+        policy = dataclasses.replace(policy, params=trained)
+        rank = lora_rank(run_cfg)
+        log(f"policy params from {config.checkpoint}"
+            + (f" (LoRA rank {rank} merged into {config.model})" if rank else ""))
     agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k,
                         max_new_tokens=config.answer.max_new_tokens,
                         batch_size=config.answer.batch_size,

@@ -74,6 +74,11 @@ def get_config():
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
 
+    c.lora = ml_collections.ConfigDict()  # mr1.models.lora; rank 0 = full fine-tuning
+    c.lora.rank = 0                     # > 0: train rank-r adapters on a frozen base
+    c.lora.alpha = 16.0                 # merge scale alpha / rank
+    c.lora.targets = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # adapted weights
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 10                   # validate every N steps (and at step 0 and the end)
     c.eval.num_questions = 40           # conv-30 questions used (0 = all 81)

@@ -25,6 +25,11 @@ Sharding: :func:`make_update` jits with ``in_shardings`` over a named mesh — b
 over the ``"data"`` axis on their per-micro-batch axis, params replicated or FSDP-sharded
 (:func:`mr1.parallel.param_shardings`); XLA inserts the gradient all-reduce. The same code runs
 on 1 device, N devices and several processes.
+
+LoRA (:mod:`mr1.models.lora`): the trainable ``params`` hold ``{"lora": ..., ["value_head"]}``
+instead of ``"policy"``, and the frozen base params are an extra, never-donated argument of the
+jitted update and scoring (``frozen``); :func:`policy_params` merges them into the policy the
+loss sees. Gradients, accumulators and optimizer state then cover the adapters only.
 """
 
 from __future__ import annotations
@@ -40,17 +45,19 @@ import optax
 
 from mr1.models import transformer
 from mr1.models.config import ModelConfig
+from mr1.models.lora import merge_lora
 from mr1.models.transformer import KVCache
 from mr1.rl import losses as L
 
 __all__ = ["TrainState", "RolloutBatch", "LossConfig", "OBJECTIVES", "register_objective",
            "score_completions", "make_optimizer", "init_train_state", "make_update",
-           "make_score", "init_value_head", "split_microbatches"]
+           "make_score", "init_value_head", "split_microbatches", "policy_params"]
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything an update changes. ``params = {"policy": ..., ["value_head": ...]}``."""
+    """Everything an update changes. ``params = {"policy": ..., ["value_head": ...]}``, or with
+    LoRA ``{"lora": ..., ["value_head": ...]}`` (the base params are not part of the state)."""
 
     step: jax.Array
     params: Any
@@ -105,6 +112,16 @@ class LossConfig:
 
 
 # ----------------------------------------------------------------------------- scoring
+
+def policy_params(params: dict, frozen: Any = None, lora_scale: float = 1.0) -> Any:
+    """The policy's parameter tree: ``params["policy"]``, or with LoRA (a ``"lora"`` entry) the
+    frozen base ``frozen`` with the adapters merged in (:func:`mr1.models.lora.merge_lora`)."""
+    if "lora" not in params:
+        return params["policy"]
+    if frozen is None:
+        raise ValueError("LoRA params need the frozen base params (the `frozen` argument)")
+    return merge_lora(frozen, params["lora"], lora_scale)
+
 
 def init_value_head(cfg: ModelConfig) -> dict:
     """A zero-initialised linear value head ``{"w": [D], "b": []}`` (starts predicting 0)."""
@@ -194,16 +211,18 @@ def ppo_objective(scored: dict, mb: RolloutBatch, lc: LossConfig):
 
 def make_optimizer(learning_rate: float, *, critic_learning_rate: float | None = None,
                    warmup_steps: int = 0, weight_decay: float = 0.0, b1: float = 0.9,
-                   b2: float = 0.99, max_grad_norm: float = 1.0) -> optax.GradientTransformation:
+                   b2: float = 0.99, max_grad_norm: float = 1.0,
+                   lora: bool = False) -> optax.GradientTransformation:
     """AdamW on ``params["policy"]`` (linear warm-up), its own LR on ``params["value_head"]``.
 
+    With ``lora`` the actor part is ``params["lora"]`` (same learning rate and schedule).
     Gradients are clipped by global norm (over both parts) before Adam.
     """
     def adam(lr):
         sched = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr)
         return optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay)
 
-    parts = {"policy": adam(learning_rate)}
+    parts = {"lora" if lora else "policy": adam(learning_rate)}
     if critic_learning_rate is not None:
         parts["value_head"] = adam(critic_learning_rate)
     labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}  # noqa: E731
@@ -230,14 +249,18 @@ def _is_finite_tree(tree) -> jax.Array:
 
 
 def update_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc: LossConfig,
-                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer step over all micro-batches (pure; :func:`make_update` jits it)."""
+                optimizer: optax.GradientTransformation, frozen: Any = None,
+                lora_scale: float = 1.0) -> tuple[TrainState, dict]:
+    """One optimizer step over all micro-batches (pure; :func:`make_update` jits it).
+
+    ``frozen``: the base policy params when ``state.params`` holds LoRA adapters (no gradient).
+    """
     objective = OBJECTIVES[lc.objective]
     total = jnp.maximum(_agg_count(batch.completion_mask, lc.agg), 1.0)
 
     def mb_loss(params, mb):
-        scored = score_completions(params["policy"], cfg, mb.prompt_ids, mb.prompt_mask,
-                                   mb.tokens, mb.completion_mask,
+        scored = score_completions(policy_params(params, frozen, lora_scale), cfg,
+                                   mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.completion_mask,
                                    value_head=params.get("value_head"),
                                    with_entropy=lc.entropy_coef > 0)
         loss, aux = objective(scored, mb, lc)
@@ -274,30 +297,44 @@ def update_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc:
 
 
 def make_update(cfg: ModelConfig, lc: LossConfig, optimizer: optax.GradientTransformation,
-                mesh=None, state_sharding=None) -> Callable:
+                mesh=None, state_sharding=None, *, lora_scale: float | None = None,
+                frozen_sharding=None) -> Callable:
     """``jit(update_step)``; with a mesh, batch split over ``"data"``, state per ``state_sharding``.
 
-    The state is donated (its buffers reused for the new state).
+    The state is donated (its buffers reused for the new state). With ``lora_scale`` (LoRA
+    params in the state) the function is ``(state, batch, frozen)``: ``frozen`` the base policy
+    params, laid out per ``frozen_sharding`` (default replicated) and never donated.
     """
-    fn = lambda state, batch: update_step(state, batch, cfg=cfg, lc=lc, optimizer=optimizer)  # noqa: E731
+    kw = dict(cfg=cfg, lc=lc, optimizer=optimizer)
+    if lora_scale is None:
+        fn = lambda state, batch: update_step(state, batch, **kw)  # noqa: E731
+    else:
+        fn = lambda state, batch, frozen: update_step(  # noqa: E731
+            state, batch, frozen=frozen, lora_scale=float(lora_scale), **kw)
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     from mr1.parallel import batch_sharding, replicated
 
-    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding(mesh, microbatched=True)),
+    in_shardings = (state_sharding, batch_sharding(mesh, microbatched=True))
+    if lora_scale is not None:
+        in_shardings += (replicated(mesh) if frozen_sharding is None else frozen_sharding,)
+    return jax.jit(fn, in_shardings=in_shardings,
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
 
 
-def make_score(cfg: ModelConfig, *, with_values: bool = False) -> Callable:
-    """Jitted ``(params, batch) -> {"logp", ["values"]}`` over all micro-batches (no grad):
-    reference log-probs (reference params) and rollout values (PPO)."""
+def make_score(cfg: ModelConfig, *, with_values: bool = False,
+               lora_scale: float = 1.0) -> Callable:
+    """Jitted ``(params, batch[, frozen]) -> {"logp", ["values"]}`` over all micro-batches (no
+    grad): reference log-probs (reference params) and rollout values (PPO). ``frozen`` (the base
+    params) is needed when ``params`` holds LoRA adapters (:func:`policy_params`)."""
 
-    def fn(params, batch: RolloutBatch):
+    def fn(params, batch: RolloutBatch, frozen=None):
+        policy = policy_params(params, frozen, lora_scale)  # merged once, not per micro-batch
+
         def one(mb):
-            out = score_completions(params["policy"], cfg, mb.prompt_ids, mb.prompt_mask,
-                                    mb.tokens, mb.completion_mask,
-                                    value_head=params.get("value_head") if with_values else None)
-            return out
+            return score_completions(policy, cfg, mb.prompt_ids, mb.prompt_mask, mb.tokens,
+                                     mb.completion_mask,
+                                     value_head=params.get("value_head") if with_values else None)
         return jax.lax.map(one, batch)
 
     return jax.jit(fn)

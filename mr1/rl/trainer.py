@@ -11,6 +11,12 @@ checkpoint and reproduces the uninterrupted run: the rollout key is ``fold_in(se
 
 Rollouts run on every process over the whole batch (a local copy of the params); the update is
 data-parallel over the mesh. Rewards and metrics are host-side numpy.
+
+``config.lora.rank > 0`` trains LoRA adapters (:mod:`mr1.models.lora`) on a frozen base instead
+of every weight: the state (and so every checkpoint) holds ``{"lora": ...}`` and its optimizer
+state only; the base is an extra argument of the update, and rollouts / validation sample from
+the base with the adapters merged in (once per step, on device). :func:`load_trained_params`
+reads either kind of checkpoint back as full policy params.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ import jax
 import numpy as np
 
 from mr1 import parallel
+from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import advantages as A
 from mr1.rl import train_step as TS
 from mr1.rl.answer_task import PromptSet, build_prompt_set, score_answers
 from mr1.sampling import SamplingConfig, decode, sample_padded
 
-__all__ = ["train", "batch_indices", "Trainer"]
+__all__ = ["train", "batch_indices", "Trainer", "load_trained_params", "run_config", "lora_rank"]
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
@@ -95,12 +102,20 @@ class Trainer:
                              f"{mb} prompts, each divisible by the {n_dev} data-parallel devices")
         self.mb = mb
         self.lc = TS.LossConfig.from_mapping({**c.loss, "objective": self.algo})
+        lora_cfg, rank = c.get("lora") or {}, lora_rank(c)
+        # LoRA: train adapters on a frozen base (None: full fine-tuning)
+        self.lora_scale = lora_scale(lora_cfg["alpha"], rank) if rank > 0 else None
         critic_lr = c.optim.critic_learning_rate if self.algo == "ppo" else None
         self.optimizer = TS.make_optimizer(
             c.optim.learning_rate, critic_learning_rate=critic_lr,
             warmup_steps=c.optim.warmup_steps, weight_decay=c.optim.weight_decay,
-            b1=c.optim.b1, b2=c.optim.b2, max_grad_norm=c.loss.max_grad_norm)
-        params = {"policy": self.policy.params}
+            b1=c.optim.b1, b2=c.optim.b2, max_grad_norm=c.loss.max_grad_norm,
+            lora=self.lora_scale is not None)
+        if self.lora_scale is None:
+            params = {"policy": self.policy.params}
+        else:
+            params = {"lora": init_lora(self.policy.params, rank, tuple(lora_cfg["targets"]),
+                                        rng=jax.random.fold_in(jax.random.PRNGKey(c.seed), 1))}
         if self.algo == "ppo":
             params["value_head"] = TS.init_value_head(self.policy.config)
         state = TS.init_train_state(params, self.optimizer, c.seed)
@@ -110,13 +125,31 @@ class Trainer:
                                             opt_state=shard(state.opt_state),
                                             rng=parallel.replicated(self.mesh))
         self.state = parallel.to_global(jax.device_get(state), self.state_sharding)
+        self.frozen = self.frozen_sharding = None  # LoRA: the base params, never updated
+        self.update_extra = ()                    # LoRA: (frozen,) after (state, batch)
+        if self.lora_scale is not None:
+            self.frozen_sharding = shard(self.policy.params)
+            self.frozen = parallel.to_global(jax.device_get(self.policy.params),
+                                             self.frozen_sharding)
+            self.update_extra = (self.frozen,)
+            self._merge = jax.jit(functools.partial(TS.policy_params,
+                                                    lora_scale=self.lora_scale),
+                                  out_shardings=self.frozen_sharding)
+            n_lora = sum(x.size for x in jax.tree.leaves(params["lora"]))
+            n_base = sum(x.size for x in jax.tree.leaves(self.policy.params))
+            self.log(f"LoRA rank {rank} (alpha {lora_cfg['alpha']}) on "
+                     f"{', '.join(lora_cfg['targets'])}: {n_lora:,} trainable parameters "
+                     f"({100 * n_lora / n_base:.2f}% of {n_base:,})")
         self.ref_params = None
-        if self.lc.kl_beta > 0:  # frozen reference = the initial policy
-            self.ref_params = parallel.to_global(jax.device_get({"policy": self.policy.params}),
-                                                 parallel.replicated(self.mesh))
+        if self.lc.kl_beta > 0:  # frozen reference = the initial policy (the LoRA base)
+            self.ref_params = ({"policy": self.frozen} if self.frozen is not None else
+                               parallel.to_global(jax.device_get({"policy": self.policy.params}),
+                                                  parallel.replicated(self.mesh)))
         self.update = TS.make_update(self.policy.config, self.lc, self.optimizer, self.mesh,
-                                     self.state_sharding)
-        self.score = TS.make_score(self.policy.config, with_values=self.algo == "ppo")
+                                     self.state_sharding, lora_scale=self.lora_scale,
+                                     frozen_sharding=self.frozen_sharding)
+        self.score = TS.make_score(self.policy.config, with_values=self.algo == "ppo",
+                                   lora_scale=self.lora_scale or 1.0)
         self.batch_sharding = parallel.batch_sharding(self.mesh, microbatched=True)
         self.rollout_cfg = SamplingConfig(max_new_tokens=c.answer.max_new_tokens,
                                           temperature=c.rollout.temperature,
@@ -124,13 +157,20 @@ class Trainer:
         self.greedy_cfg = SamplingConfig(max_new_tokens=c.answer.max_new_tokens)
         self.nan_steps = set(c.debug.nan_reward_steps)
 
+    def policy_params(self):
+        """The current policy params (device arrays, the state's sharding): LoRA merged into
+        the base once here, for the sampler."""
+        if self.lora_scale is None:
+            return self.state.params["policy"]
+        return self._merge(self.state.params, self.frozen)
+
     # ---------------------------------------------------------------- rollout
     def rollout(self, step: int) -> tuple[dict, dict]:
         """Samples ``G`` completions for the step's questions; returns (host arrays, metrics)."""
         c, ts = self.config, self.train_set
         idx = batch_indices(step, self.P, len(ts), c.seed)
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
-        params = parallel.local_copy(self.state.params["policy"])
+        params = parallel.local_copy(self.policy_params())
         t0 = time.time()
         tokens, logp, lengths = sample_padded(self.policy, ts.ids[idx], ts.mask[idx], key,
                                               self.rollout_cfg, params=params)
@@ -167,7 +207,7 @@ class Trainer:
                 rewards, self.G, normalize_std=c.loss.get("normalize_std", True)))
             return arrays
         batch = self._to_batch(arrays)
-        values = to_host(self.score(self.state.params, batch)["values"]).reshape(
+        values = to_host(self.score(self.state.params, batch, self.frozen)["values"]).reshape(
             arrays["tokens"].shape)
         cm = arrays["completion_mask"]
         last = np.maximum(cm.sum(-1).astype(np.int64) - 1, 0)
@@ -195,7 +235,7 @@ class Trainer:
         if self.ref_params is not None:
             ref = self.score(self.ref_params, batch)["logp"]
             batch = batch.replace(ref_logp=ref)
-        self.state, m = self.update(self.state, batch)
+        self.state, m = self.update(self.state, batch, *self.update_extra)
         m = {k: float(to_host(v)) for k, v in m.items()}
         update_s = time.time() - t0
         tokens = float(arrays["prompt_mask"].sum() + arrays["completion_mask"].sum())
@@ -213,7 +253,7 @@ class Trainer:
         from mr1.eval import metrics as M
 
         vs, bs = self.val_set, self.config.eval.batch_size
-        params = parallel.local_copy(self.state.params["policy"])
+        params = parallel.local_copy(self.policy_params())
         texts = []
         for s in range(0, len(vs), bs):
             idx = np.arange(s, s + bs) % len(vs)  # the last batch wraps: one compiled shape
@@ -286,6 +326,60 @@ class Trainer:
         (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"done: {_fmt(summary)}")
         return summary
+
+
+def run_config(checkpoint) -> dict:
+    """The run's ``config.json`` (the trainer writes it in the workdir that holds
+    ``checkpoints/``) as a dict for the checkpoint directory ``checkpoint``; ``{}`` if absent."""
+    from etils import epath
+
+    path = epath.Path(checkpoint).parent / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def lora_rank(run: dict) -> int:
+    """The LoRA rank of a run config (0: full fine-tuning)."""
+    return int((run.get("lora") or {}).get("rank", 0) or 0)
+
+
+def load_trained_params(checkpoint, base_params, *, step: int | None = None,
+                        run: dict | None = None):
+    """Full policy params from a trainer checkpoint directory (``<workdir>/checkpoints``).
+
+    ``run`` is the run's config (default: its ``config.json``, :func:`run_config`). Full
+    fine-tuning checkpoints hold ``{"policy": ...}``, returned as they are. LoRA runs
+    (``lora.rank > 0``) hold only ``{"lora": ...}``: the adapters are merged into
+    ``base_params``, which must be the run's base model (same weights and dtype). A PPO run's
+    value head is read along (it is saved with the params) and dropped. ``step``: default the
+    latest.
+    """
+    from mr1.checkpoint import restore_params
+    from mr1.models.lora import merge_lora
+
+    run = run_config(checkpoint) if run is None else run
+    rank = lora_rank(run)
+    if rank > 0:
+        lora = run["lora"]
+        like = {"lora": jax.eval_shape(lambda: init_lora(base_params, rank,
+                                                         tuple(lora["targets"])))}
+    else:
+        like = {"policy": base_params}
+    if run.get("algo") == "ppo":
+        d = np.shape(base_params["embed"])[-1]
+        like["value_head"] = {"w": jax.ShapeDtypeStruct((d,), np.float32),
+                              "b": jax.ShapeDtypeStruct((), np.float32)}
+    try:
+        restored = restore_params(checkpoint, like, step=step)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        kind = f"LoRA rank {rank}" if rank > 0 else "full fine-tuning"
+        raise ValueError(f"{checkpoint}: params do not match a {kind} {run.get('algo', 'grpo')} "
+                         "run; LoRA and PPO checkpoints are read with the run's config.json, "
+                         "expected in the directory above checkpoints/") from e
+    if rank <= 0:
+        return restored["policy"]
+    return merge_lora(base_params, restored["lora"], lora_scale(lora["alpha"], rank))
 
 
 def _fmt(d: dict) -> str:
