@@ -271,7 +271,7 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
         from mr1.checkpoint import Checkpointer, StopSignal
-        from mr1.metrics_io import MetricsWriter, plot_curves
+        from mr1.metrics_io import MetricsWriter
 
         c = self.config
         ckpt = Checkpointer(self.workdir / "checkpoints", save_every=c.checkpoint_every,
@@ -315,13 +315,8 @@ class Trainer:
         summary = {"final_step": final_step, "wall_s": time.time() - t_run, **last_val}
         if jax.process_index() != 0:  # process 0 writes the run's files
             return summary
-        png = plot_curves(self.workdir / "metrics.csv", self.workdir / "curves.png",
-                          panels=[("rollout reward (train)", ["reward_mean"]),
-                                  ("validation F1 / BLEU-1 (greedy, conv-30)",
-                                   ["val_f1", "val_bleu1"]),
-                                  ("answer length (tokens)", ["completion_len"]),
-                                  ("KL / clip", ["approx_kl", "clip_frac"])],
-                          title=f"{self.algo.upper()} Answer Agent, {c.model}")
+        png = plot_training_curves(self.workdir / "metrics.csv", self.workdir / "curves.png",
+                                   title=f"{self.algo.upper()} Answer Agent, {c.model}")
         summary["curves"] = str(png)
         (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"done: {_fmt(summary)}")
@@ -380,6 +375,19 @@ def load_trained_params(checkpoint, base_params, *, step: int | None = None,
     if rank <= 0:
         return restored["policy"]
     return merge_lora(base_params, restored["lora"], lora_scale(lora["alpha"], rank))
+
+
+CURVE_PANELS = (("rollout reward (train samples)", ["reward_mean"]),
+                 ("validation F1 / BLEU-1 / EM (greedy, conv-30)",
+                  ["val_f1", "val_bleu1", "val_em"]),
+                 ("answer length (tokens)", ["completion_len"]),
+                 ("F1 / EM of the train samples", ["f1_mean", "em_mean"]))
+
+
+def plot_training_curves(csv_path, png_path, title: str = "") -> str:
+    """The run's PNG: reward, validation F1, answer length, sample F1/EM against the step."""
+    from mr1.metrics_io import plot_curves
+    return plot_curves(csv_path, png_path, panels=list(CURVE_PANELS), title=title)
 
 
 def _fmt(d: dict) -> str:
