@@ -7,7 +7,7 @@ conversations (128; the full 1,307 with ``--config.max_questions_per_conversatio
     python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_rl.py \
         --workdir=runs/eval_base
     python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_rl.py \
-        --config.checkpoint=runs/grpo_answer/checkpoints --workdir=runs/eval_grpo
+        --config.checkpoint=runs/grpo_answer/best --workdir=runs/eval_grpo
 """
 
 import pathlib

@@ -17,7 +17,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.model = "smollm2-135m-instruct"   # load_policy name / GGUF path / HF folder
-    c.checkpoint = ""                   # RL run's <workdir>/checkpoints: evaluate trained params
+    c.checkpoint = ""                   # RL run: <workdir>/best or <workdir>/checkpoints
     c.data_path = ""                    # locomo10.json; "" = $MR1_DATA_DIR or the cache
     c.split = "test"                    # "train" | "validation" | "test" (Memory-R1 1:1:8)
     c.max_conversations = 0             # first N conversations of the split (0 = all)

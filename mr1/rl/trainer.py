@@ -282,6 +282,7 @@ class Trainer:
             start = int(to_host(self.state.step))
             self.log(f"resumed from {self.workdir / 'checkpoints'} at step {start}")
         writer = MetricsWriter(self.workdir, resume_step=start)
+        best = BestCheckpoint(self.workdir)
         num_steps = c.num_steps
         last_val = {}
         bar = _progress(range(start, num_steps), c.progress, initial=start, total=num_steps)
@@ -290,6 +291,7 @@ class Trainer:
             if start == 0 and c.eval.every:
                 last_val = self.validate()
                 writer.write(0, last_val)
+                best.update(0, last_val, self.state)
                 self.log(f"step 0 validation: {_fmt(last_val)}")
             step = start
             for step in bar:
@@ -298,6 +300,7 @@ class Trainer:
                 if c.eval.every and (done % c.eval.every == 0 or done == num_steps):
                     last_val = self.validate()
                     metrics.update(last_val)
+                    best.update(done, last_val, self.state)
                 writer.write(done, metrics)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
@@ -311,6 +314,7 @@ class Trainer:
             final_step = int(to_host(self.state.step))
             ckpt.save(final_step, self.state, force=True, metadata={"step": final_step})
         ckpt.close()
+        best.close()
         writer.close()
         summary = {"final_step": final_step, "wall_s": time.time() - t_run, **last_val}
         if jax.process_index() != 0:  # process 0 writes the run's files
@@ -375,6 +379,33 @@ def load_trained_params(checkpoint, base_params, *, step: int | None = None,
     if rank <= 0:
         return restored["policy"]
     return merge_lora(base_params, restored["lora"], lora_scale(lora["alpha"], rank))
+
+
+class BestCheckpoint:
+    """Keeps the params of the best validation F1 so far in ``<workdir>/best`` (one orbax
+    checkpoint, same layout as ``checkpoints/``) and its step and scores in
+    ``<workdir>/best.json``: RL on 152 questions over-fits, and the last step is not the best.
+    Evaluate it with ``evaluate.py --config.checkpoint=<workdir>/best``."""
+
+    def __init__(self, workdir: pathlib.Path, metric: str = "val_f1"):
+        from mr1.checkpoint import Checkpointer
+
+        self.metric, self.file = metric, workdir / "best.json"
+        self.ckpt = Checkpointer(workdir / "best", save_every=1, max_to_keep=1)
+        self.score = (json.loads(self.file.read_text())[metric] if self.file.exists()
+                      else float("-inf"))
+
+    def update(self, step: int, val: dict, state) -> bool:
+        if not val or not val[self.metric] > self.score:
+            return False
+        self.ckpt.save(step, state, force=True, metadata={"step": step, **val})
+        self.score = val[self.metric]
+        if jax.process_index() == 0:
+            self.file.write_text(json.dumps({"step": step, **val}, indent=2))
+        return True
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 CURVE_PANELS = (("rollout reward (train samples)", ["reward_mean"]),
