@@ -6,7 +6,6 @@ a deterministic hash embedding, so the file takes seconds.
 
 from __future__ import annotations
 
-import hashlib
 import types
 
 import numpy as np
@@ -17,18 +16,9 @@ from mr1.agents.answer import AnswerAgent, parse_answer
 from mr1.agents.pipeline import (MemoryBuilder, PipelineConfig, is_done, load_memory,
                                  parse_facts, save_memory)
 from mr1.data.records import QA, Conversation, Observation, Session, Turn
+from tests.rl_driver import HashEmbedder  # the shared bag-of-words test embedder
 
 
-class HashEmbedder:
-    dim = 16
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
-        n = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(n, 1e-12)
 
 
 def fake_generate(replies):

@@ -17,12 +17,12 @@ would write). Timings are medians over repeats, with ``block_until_ready``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from common import timed
 
 from mr1.memory import bank as mb
 
@@ -102,13 +102,6 @@ def make_ops(rng, b, n, s, L, d):
                 speaker=rng.integers(0, 2, (b, n)).astype(np.int32))
 
 
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -157,9 +150,9 @@ def main():
     jax_ops(0)
     numpy_ops(0)
     it = iter(range(1, a.repeats + 1))
-    t_jax_ops = median_time(lambda: jax_ops(next(it)), a.repeats)
+    t_jax_ops = timed(lambda: jax_ops(next(it)), a.repeats)
     it = iter(range(1, a.repeats + 1))
-    t_np_ops = median_time(lambda: numpy_ops(next(it)), a.repeats)
+    t_np_ops = timed(lambda: numpy_ops(next(it)), a.repeats)
     banks = state["banks"]
     same = all(np.array_equal(np.asarray(getattr(banks, f)), getattr(ref, g))
                for f, g in [("tokens", "tokens"), ("lengths", "lengths"), ("valid", "valid"),
@@ -174,7 +167,7 @@ def main():
     q_dev = jax.device_put(queries)
     retrieve_jax = jax.jit(jax.vmap(lambda bk, q: mb.retrieve_many(bk, q, K)))
     out = jax.block_until_ready(retrieve_jax(banks, q_dev))
-    t_jax_ret = median_time(lambda: jax.block_until_ready(retrieve_jax(banks, q_dev)), a.repeats)
+    t_jax_ret = timed(lambda: jax.block_until_ready(retrieve_jax(banks, q_dev)), a.repeats)
 
     def numpy_retrieve():
         return [[ref.retrieve(b, queries[b, j], K)[0] for j in range(Q)] for b in range(B)]
@@ -191,8 +184,8 @@ def main():
             queries[b, j])), -np.inf)[want[b, j]]), atol=1e-5)
         for b in range(B) for j in range(Q)])
     assert agree == 1.0, f"retrieval disagrees on {1 - agree:.1%} of queries"
-    t_np_ret = median_time(numpy_retrieve, max(1, a.repeats // 2))
-    t_np_ret_b = median_time(numpy_retrieve_batched, a.repeats)
+    t_np_ret = timed(numpy_retrieve, max(1, a.repeats // 2))
+    t_np_ret_b = timed(numpy_retrieve_batched, a.repeats)
 
     n_ops, n_q = B * N, B * Q
     gflop = 2.0 * B * Q * S * D / 1e9

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
 from mr1.agents.answer import AnswerAgent, parse_answer
@@ -53,7 +54,7 @@ def build_prompt_set(config, split: str, policy, embedder, memory_dir, *, max_qu
                "max_questions_per_conversation": max_questions,
                "question_sampling": "random" if max_questions else "first",
                "seed": config.get("seed", 0)}
-    selected = select_locomo(_Cfg(sel_cfg))
+    selected = select_locomo(ml_collections.ConfigDict(sel_cfg))
     builder = MemoryBuilder(PipelineConfig.from_mapping(config.memory), embedder, policy)
     memories = build_all(builder, [c for c, _ in selected], memory_dir, progress=False, log=log)
     agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k)
@@ -73,12 +74,6 @@ def build_prompt_set(config, split: str, policy, embedder, memory_dir, *, max_qu
         f"(longest {max(map(len, ids))}, mean {np.mean([len(i) for i in ids]):.0f})")
     return PromptSet(arr, mask, [qa.answer for qa in qas], [qa.question for qa in qas],
                      [qa.category for qa in qas], [qa.question_id for qa in qas])
-
-
-class _Cfg(dict):
-    """``select_locomo`` reads attributes and ``.get``; a dict with attribute access."""
-
-    __getattr__ = dict.__getitem__
 
 
 def score_answers(texts: Sequence[str], golds: Sequence[str],
