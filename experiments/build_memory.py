@@ -8,7 +8,8 @@ Uses the ``memory`` section and the data selection of an evaluate config. Banks 
 build statistics incl. invalid ops by reason) + ``banks.npz`` (the bank tensors), written to a
 temporary folder, renamed into place, then marked ``DONE``. A rerun skips conversations that
 are done, so an interrupted build resumes where it stopped; ``evaluate.py`` with the same
-workdir loads them.
+workdir loads them. ``manager.json`` records who built them (see ``evaluate.py``); banks of an
+RL manager (``memory.manager_checkpoint``) are built by ``evaluate.py`` itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mr1.agents.pipeline import MemoryBuilder, PipelineConfig, build_all, select_locomo
+from mr1.agents.pipeline import (
+    MemoryBuilder,
+    PipelineConfig,
+    build_all,
+    claim_memory_dir,
+    manager_identity,
+    select_locomo,
+)
 from mr1.memory.embedder import load_embedder
 from mr1.parallel import maybe_initialize_distributed
 
@@ -32,7 +40,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mr1_evaluate", "output directory
 def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=print) -> dict:
     """Builds (or resumes) the banks of the selected conversations; returns their stats."""
     t0 = time.time()
+    if config.memory.get("manager_checkpoint", ""):
+        raise ValueError("build_memory.py builds with the loaded model only; run evaluate.py "
+                         "to build banks with --config.memory.manager_checkpoint")
     directory = pathlib.Path(config.memory.dir or pathlib.Path(workdir) / "memory")
+    claim_memory_dir(directory, manager_identity(config))
     cfg = PipelineConfig.from_mapping(config.memory)
     convs = [c for c, _ in select_locomo(config)]
     if policy is None:   # its tokenizer also fills the bank tensors, as evaluate.py does

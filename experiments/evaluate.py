@@ -6,17 +6,32 @@
 Methods (``config.method``): ``memory`` (per-speaker banks built by mr1.agents.pipeline --
 resumed from ``<workdir>/memory`` or ``config.memory.dir`` -- then the Answer Agent with
 distillation), ``rag`` (top-k raw turns by embedding), ``full_context`` (newest turns that fit).
-``config.checkpoint`` (a trainer's ``<workdir>/checkpoints``) evaluates the trained params of
-the latest step instead of the loaded model's; a LoRA run's adapters (``lora`` in the run's
-``config.json`` beside ``checkpoints/``) are merged into the loaded model, its base.
+``config.checkpoint`` (a trainer's ``<workdir>/checkpoints`` or ``<workdir>/best``) gives the
+Answer Agent the trained params of that run instead of the loaded model's, and
+``config.memory.manager_checkpoint`` gives them to the memory builder (Memory Manager and "llm"
+fact extraction); "" = the loaded model. A LoRA run's adapters (``lora`` in the run's
+``config.json`` beside ``checkpoints/``) are merged into the loaded model, its base. The
+Memory-R1 ablation grid (base/RL manager x base/RL answer agent) is one command per cell, each
+with its own workdir, e.g. the RL/RL cell::
+
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_rl.py \
+        --config.memory.manager=llm --config.memory.manager_checkpoint=runs/grpo_memory/best \
+        --config.checkpoint=runs/grpo_answer/best --workdir=runs/eval_rl_rl
+
+The memory dir records who built its banks (``manager.json``: manager mode, manager checkpoint,
+model, facts); resuming it with another manager raises ValueError (pick another
+``--config.memory.dir`` or workdir). Banks are shared across answer checkpoints by pointing
+``--config.memory.dir`` at one dir.
 Writes ``predictions.jsonl`` (question, gold, prediction, category, f1, bleu1, em, f1_locomo, j,
-answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` under the
-workdir. J comes from mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set,
+answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` (with
+``memory_ops``: the manager's ADD/UPDATE/DELETE/NOOP, invalid outputs and bank refusals summed
+over the evaluated conversations) under the workdir. J comes from mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set,
 else it is "not computed" (n/a in the table).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -26,7 +41,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mr1.agents.answer import AnswerAgent, full_context_prompts, rag_prompts
-from mr1.agents.pipeline import MemoryBuilder, PipelineConfig, build_all, select_locomo
+from mr1.agents.pipeline import (
+    MemoryBuilder,
+    PipelineConfig,
+    build_all,
+    claim_memory_dir,
+    manager_identity,
+    select_locomo,
+)
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
 from mr1.memory.embedder import load_embedder
@@ -47,6 +69,57 @@ def memory_dir(config, workdir) -> pathlib.Path:
     return pathlib.Path(config.memory.dir or pathlib.Path(workdir) / "memory")
 
 
+def _trained_policy(policy, checkpoint, log=print):
+    """``policy`` with the params of an RL run's ``checkpoint`` (``""``: ``policy`` as it is)."""
+    if not checkpoint:
+        return policy
+    from mr1.rl.trainer import load_trained_params, lora_rank, run_config
+    run_cfg = run_config(checkpoint)  # the RL run's config.json, {} if absent
+    trained = load_trained_params(checkpoint, policy.params, run=run_cfg)
+    rank = lora_rank(run_cfg)
+    log(f"policy params from {checkpoint}"
+        + (f" (LoRA rank {rank} merged into the loaded model)" if rank else ""))
+    return dataclasses.replace(policy, params=trained)
+
+
+def build_memories(config, workdir, selected, base, answer_policy, embedder, generate_fn,
+                   log=print) -> dict:
+    """Builds or resumes the banks with the manager policy (``memory.manager_checkpoint``)."""
+    directory = memory_dir(config, workdir)
+    identity = manager_identity(config)
+    if not claim_memory_dir(directory, identity) and any(directory.glob("*/DONE")):
+        log(f"{directory}: banks without manager.json, assumed built by {identity}")
+    ckpt = config.memory.get("manager_checkpoint", "")
+    policy = (answer_policy if ckpt == config.get("checkpoint", "")
+              else _trained_policy(base, ckpt, log))
+    builder = MemoryBuilder(PipelineConfig.from_mapping(config.memory), embedder, policy,
+                            generate_fn=generate_fn)
+    return build_all(builder, [c for c, _ in selected], directory, progress=config.progress,
+                     log=log)
+
+
+def memory_ops(memories) -> dict:
+    """The build statistics of ``memories`` summed: ops, invalid (by reason), refused (by
+    reason), facts, manager calls and the invalid rate ((invalid + refused) / manager calls)."""
+    stats = [m.stats for m in memories.values()]
+    total = {k: sum((getattr(s, k) for s in stats), collections.Counter())
+             for k in ("ops", "invalid", "refused")}
+    calls = sum(s.manager_calls for s in stats)
+    bad = sum(total["invalid"].values()) + sum(total["refused"].values())
+    return {**{k: dict(v) for k, v in total.items()}, "facts": sum(s.facts for s in stats),
+            "manager_calls": calls, "invalid_rate": bad / calls if calls else None}
+
+
+def _ops_note(ops: dict) -> str:
+    """One results.md line for :func:`memory_ops`."""
+    counts = ", ".join(f"{op} {ops['ops'].get(op, 0)}" for op in ("ADD", "UPDATE", "DELETE",
+                                                                   "NOOP"))
+    rate = "n/a" if ops["invalid_rate"] is None else f"{ops['invalid_rate']:.3f}"
+    return (f"memory ops over {ops['facts']} facts: {counts}; invalid outputs (as NOOP) "
+            f"{sum(ops['invalid'].values())}, bank refusals {sum(ops['refused'].values())}, "
+            f"{ops['manager_calls']} manager calls (invalid rate {rate})\n")
+
+
 def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=print) -> dict:
     """Runs one evaluation; returns ``{"rows", "table", "markdown", "paths", "wall_s"}``."""
     t0 = time.time()
@@ -58,15 +131,8 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     n_q = sum(len(q) for _, q in selected)
     log(f"{config.split}: {len(selected)} conversations, {n_q} questions, method {config.method}")
     embedder = embedder or load_embedder()
-    policy = policy or load_policy(config.model)
-    if config.get("checkpoint", ""):  # a trained policy: params from an RL run's checkpoints
-        from mr1.rl.trainer import load_trained_params, lora_rank, run_config
-        run_cfg = run_config(config.checkpoint)  # the RL run's config.json, {} if absent
-        trained = load_trained_params(config.checkpoint, policy.params, run=run_cfg)
-        policy = dataclasses.replace(policy, params=trained)
-        rank = lora_rank(run_cfg)
-        log(f"policy params from {config.checkpoint}"
-            + (f" (LoRA rank {rank} merged into {config.model})" if rank else ""))
+    base = policy or load_policy(config.model)
+    policy = _trained_policy(base, config.get("checkpoint", ""), log)  # the Answer Agent's
     agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k,
                         max_new_tokens=config.answer.max_new_tokens,
                         batch_size=config.answer.batch_size,
@@ -74,13 +140,12 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
                         generate_fn=generate_fn)
     memories = {}
     if config.method == "memory":
-        builder = MemoryBuilder(PipelineConfig.from_mapping(config.memory), embedder, policy,
-                                generate_fn=generate_fn)
-        memories = build_all(builder, [c for c, _ in selected], memory_dir(config, workdir),
-                             progress=config.progress, log=log)
+        memories = build_memories(config, workdir, selected, base, policy, embedder,
+                                  generate_fn, log)
+    ops = memory_ops(memories) if memories else None
     window = policy.config.max_position_embeddings
     budget = config.full_context_tokens or (window - config.answer.max_new_tokens - 512)
-    count = (lambda s: len(policy.tokenizer(s, add_special_tokens=False)["input_ids"]))  # noqa: E731
+    count = (lambda s: len(policy.tokenizer(s, add_special_tokens=False)["input_ids"]))
 
     rows = []
     t_answer = time.time()
@@ -120,7 +185,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     notes = (f"\nmethod {config.method}, model {config.model}, split {config.split}, "
              f"{len(rows)} questions; answer line missing: {missing}/{len(rows)}; "
              f"J: {'judge' if judge else 'not computed (no judge configured)'}; "
-             f"wall time {wall:.1f} s\n")
+             f"wall time {wall:.1f} s\n") + (_ops_note(ops) if ops else "")
     paths = {"jsonl": workdir / "predictions.jsonl", "markdown": workdir / "results.md",
              "json": workdir / "results.json"}
     with open(paths["jsonl"], "w") as fh:
@@ -129,7 +194,9 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     paths["markdown"].write_text(markdown + notes)
     paths["json"].write_text(json.dumps(
         {"table": table, "method": config.method, "model": config.model,
-         "checkpoint": config.get("checkpoint", ""), "split": config.split,
+         "checkpoint": config.get("checkpoint", ""),
+         "manager_checkpoint": config.memory.get("manager_checkpoint", ""),
+         "split": config.split, "memory_ops": ops,
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,
          "config": json.loads(config.to_json())}, indent=2))

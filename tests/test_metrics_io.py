@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from pathlib import Path
@@ -185,3 +186,22 @@ def test_plot_curves_sparse_columns(tmp_path):
 
 def test_ema_is_debiased():
     np.testing.assert_allclose(metrics_io.ema(np.full(5, 3.0)), 3.0)
+
+
+def test_plot_op_distribution_and_counts_from_results(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"memory_ops": {
+        "ops": {"ADD": 7, "UPDATE": 2, "NOOP": 5}, "invalid": {"no_operation": 3},
+        "refused": {"not_valid": 1}, "facts": 15, "manager_calls": 15, "invalid_rate": 4 / 15}}))
+    counts = metrics_io.op_counts_from_results(results)
+    # 3 of the 5 NOOPs were invalid outputs; + 1 bank refusal: every emitted op counted once
+    assert counts == {"ADD": 7, "UPDATE": 2, "DELETE": 0, "NOOP": 2, "INVALID": 4}
+    assert sum(counts.values()) == 7 + 2 + 5 + 1
+    png = metrics_io.plot_op_distribution(
+        {"prompted manager": counts, "GRPO manager": {"ADD": 3, "NOOP": 1}},
+        tmp_path / "plots" / "ops.png", title="ops")
+    data = Path(png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    results.write_text(json.dumps({"memory_ops": None}))   # a rag / full_context run
+    with pytest.raises(ValueError, match="no memory_ops"):
+        metrics_io.op_counts_from_results(results)

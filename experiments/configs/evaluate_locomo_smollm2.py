@@ -31,6 +31,7 @@ def get_config():
     c.memory.dir = ""                   # where banks are saved/resumed ("" = <workdir>/memory)
     c.memory.facts = "observations"     # "observations" (LoCoMo's) | "llm" (extracted)
     c.memory.manager = "add_all"        # "add_all" baseline | "llm" prompted Memory Manager
+    c.memory.manager_checkpoint = ""    # RL Memory Manager run: <workdir>/best ("" = c.model)
     c.memory.num_slots = 512            # bank slots per speaker
     c.memory.max_len = 64               # tokens per memory kept in the bank tensors
     c.memory.full_policy = "evict_lru"  # ADD on a full bank: refuse | evict_lru | evict_oldest

@@ -365,6 +365,39 @@ def load_memory(directory: str | os.PathLike, sample_id: str) -> ConversationMem
     return ConversationMemory(meta["sample_id"], speakers, BuildStats.from_dict(meta["stats"]))
 
 
+MANAGER_FILE = "manager.json"
+
+
+def manager_identity(config) -> dict[str, str]:
+    """Who builds the banks of an evaluate config: manager mode, its checkpoint ("" = the
+    loaded model), the model and the fact source -- banks of another identity differ."""
+    ckpt = config.memory.get("manager_checkpoint", "") or ""
+    return {"manager": config.memory.manager, "manager_checkpoint": os.path.normpath(ckpt)
+            if ckpt else "", "model": config.model, "facts": config.memory.facts}
+
+
+def claim_memory_dir(directory: str | os.PathLike, identity: dict[str, str]) -> bool:
+    """Writes ``identity`` to ``directory/manager.json``, or checks the one already there.
+
+    Returns whether the directory was already claimed (False: written now; a directory of
+    banks from before ``manager.json`` existed is accepted and claimed as it is).
+
+    Raises:
+      ValueError: the directory holds banks of another manager identity.
+    """
+    path = pathlib.Path(directory) / MANAGER_FILE
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != identity:
+            raise ValueError(
+                f"memory dir {directory} was built by {found}, not {identity}; pick another "
+                "--config.memory.dir (or --workdir) for this manager")
+        return True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, indent=1) + "\n")
+    return False
+
+
 def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
               directory: str | os.PathLike | None, *, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, ConversationMemory]:
