@@ -239,12 +239,12 @@ def test_trainer_lora_end_to_end(lora_run):
 
 def test_evaluate_loads_a_lora_checkpoint(lora_run):
     """experiments/evaluate.py with ``checkpoint`` = the LoRA run: the merged params are used."""
-    from mr1.rl.trainer import _load_policy, load_trained_params
+    from mr1.rl.trainer import load_policy_from_config, load_trained_params
     from tests.test_agents import HashEmbedder, fake_generate
     from tests.test_evaluate import _config, _module
 
     ev = _module("evaluate")
-    policy = _load_policy(D.make_config({}))  # tiny-smollm2 (seed 0) + the embedded tokenizer
+    policy = load_policy_from_config(D.make_config({}))  # tiny-smollm2 (seed 0) + the embedded tokenizer
     seen = []
 
     def gen(pol, prompts, **kw):

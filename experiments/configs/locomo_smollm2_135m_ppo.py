@@ -6,7 +6,7 @@
 The GRPO config with ``algo="ppo"``: per-token GAE advantages (gamma 1, lambda 0.95, whitened
 over the batch) from a linear value head on the policy's stop-gradient hidden states (the
 critic), trained at its own learning rate (``optim.critic_learning_rate``; the paper's 1e-6 /
-1e-5 actor / critic split at 8B becomes 5e-6 / 1e-3 here: the head is a single linear layer
+1e-5 actor / critic split at 8B becomes 2e-5 / 1e-3 here: the head is a single linear layer
 that starts at zero). PPO keeps the G samples per question so both algorithms see the same
 rollouts per step.
 """

@@ -1,4 +1,4 @@
-"""The shared command line of the RL entry points (``experiments/{grpo,ppo}_answer.py``).
+"""The shared command line of the RL entry points (``experiments/{grpo,ppo}_{answer,memory}.py``).
 
 absl + ``ml_collections.config_flags`` as in the Flax examples: ``--config=<file>`` (locked;
 override fields with ``--config.a.b=value``) and ``--workdir``; multi-host init when launched
@@ -15,6 +15,17 @@ from mr1.parallel import maybe_initialize_distributed
 
 def run_answer_trainer(algo: str, default_workdir: str) -> None:
     """Defines the flags, parses them and trains the Answer Agent with ``algo``."""
+    run_trainer(algo, default_workdir, "mr1.rl.trainer:train")
+
+
+def run_memory_trainer(algo: str, default_workdir: str) -> None:
+    """Defines the flags, parses them and trains the Memory Manager with ``algo``."""
+    run_trainer(algo, default_workdir, "mr1.rl.memory_task:train_memory")
+
+
+def run_trainer(algo: str, default_workdir: str, train_fn: str) -> None:
+    """Defines the flags, parses them and calls ``train_fn`` (``module:function``, imported
+    after the flags are parsed) with the config and workdir."""
     config_flag = config_flags.DEFINE_config_file("config", None, "training config",
                                                   lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", default_workdir,
@@ -29,8 +40,9 @@ def run_answer_trainer(algo: str, default_workdir: str) -> None:
         if config.algo != algo:
             raise app.UsageError(f"this entry point trains algo={algo!r}; the config has "
                                  f"algo={config.algo!r}")
-        from mr1.rl.trainer import train
-        train(config, workdir_flag.value)
+        import importlib
+        module, name = train_fn.split(":")
+        getattr(importlib.import_module(module), name)(config, workdir_flag.value)
 
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -26,7 +26,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
@@ -35,10 +35,11 @@ from mr1 import parallel
 from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import advantages as A
 from mr1.rl import train_step as TS
-from mr1.rl.answer_task import PromptSet, build_prompt_set, score_answers
-from mr1.sampling import SamplingConfig, decode, sample_padded
+from mr1.rl.answer_task import ANSWER_PANELS
+from mr1.sampling import SamplingConfig
 
-__all__ = ["train", "batch_indices", "Trainer", "load_trained_params", "run_config", "lora_rank"]
+__all__ = ["train", "batch_indices", "Trainer", "RLTask", "load_trained_params", "run_config",
+           "lora_rank", "load_policy_from_config"]
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
@@ -65,7 +66,8 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _load_policy(config):
+def load_policy_from_config(config):
+    """The config's ``model`` (and optional ``tokenizer``) as a Policy."""
     from mr1.models import load_policy
     from mr1.models.policy import load_tokenizer_from_gguf
 
@@ -85,8 +87,7 @@ class Trainer:
     config: Any
     workdir: pathlib.Path
     policy: Any
-    train_set: PromptSet
-    val_set: PromptSet
+    task: "RLTask"
     log: Callable[[str], None] = print
 
     def __post_init__(self):
@@ -151,10 +152,10 @@ class Trainer:
         self.score = TS.make_score(self.policy.config, with_values=self.algo == "ppo",
                                    lora_scale=self.lora_scale or 1.0)
         self.batch_sharding = parallel.batch_sharding(self.mesh, microbatched=True)
-        self.rollout_cfg = SamplingConfig(max_new_tokens=c.answer.max_new_tokens,
+        self.rollout_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens,
                                           temperature=c.rollout.temperature,
                                           num_samples=self.G)
-        self.greedy_cfg = SamplingConfig(max_new_tokens=c.answer.max_new_tokens)
+        self.greedy_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens)
         self.nan_steps = set(c.debug.nan_reward_steps)
 
     def policy_params(self):
@@ -166,33 +167,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- rollout
     def rollout(self, step: int) -> tuple[dict, dict]:
-        """Samples ``G`` completions for the step's questions; returns (host arrays, metrics)."""
-        c, ts = self.config, self.train_set
-        idx = batch_indices(step, self.P, len(ts), c.seed)
+        """Samples ``G`` completions for the step's prompts (the task scores them); returns
+        (host arrays, metrics)."""
+        c = self.config
+        idx = batch_indices(step, self.P, len(self.task), c.seed)
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
         params = parallel.local_copy(self.policy_params())
-        t0 = time.time()
-        tokens, logp, lengths = sample_padded(self.policy, ts.ids[idx], ts.mask[idx], key,
-                                              self.rollout_cfg, params=params)
-        rollout_s = time.time() - t0
-        texts = decode(self.policy, tokens, lengths)
-        golds = [ts.golds[i] for i in idx for _ in range(self.G)]
-        scores = score_answers(texts, golds, dict(c.reward))
-        rewards = scores["reward"]
+        arrays, metrics = self.task.rollout(self.policy, params, idx, key, self.rollout_cfg)
         if step in self.nan_steps:  # fault injection (tests): a NaN reward must skip the update
-            rewards = np.full_like(rewards, np.nan)
-        cmask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
-        arrays = {"prompt_ids": ts.ids[idx], "prompt_mask": ts.mask[idx], "tokens": tokens,
-                  "completion_mask": cmask, "old_logp": logp, "rewards": rewards}
-        n_new = int(lengths.sum())
-        prompt_tok = int(ts.mask[idx].sum())
-        metrics = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                   "em_mean": float(scores["em"].mean()), "f1_mean": float(scores["f1"].mean()),
-                   "answer_line_frac": float(scores["answer_line"].mean()),
-                   "completion_len": float(lengths.mean()),
-                   "truncated_frac": float(np.mean(lengths >= tokens.shape[1])),
-                   "rollout_s": rollout_s, "rollout_tok_s": (n_new + prompt_tok) / rollout_s,
-                   "rollout_new_tok_s": n_new / rollout_s}
+            arrays["rewards"] = np.full_like(arrays["rewards"], np.nan)
         return arrays, metrics
 
     def _to_batch(self, arrays: dict) -> TS.RolloutBatch:
@@ -248,25 +231,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> dict:
-        """Greedy answers on the validation prompts: F1 / BLEU-1 / EM in percent."""
-        from mr1.agents.answer import parse_answer
-        from mr1.eval import metrics as M
-
-        vs, bs = self.val_set, self.config.eval.batch_size
+        """The task's greedy validation metrics (``val_*``) under the current params."""
         params = parallel.local_copy(self.policy_params())
-        texts = []
-        for s in range(0, len(vs), bs):
-            idx = np.arange(s, s + bs) % len(vs)  # the last batch wraps: one compiled shape
-            tok, _, lens = sample_padded(self.policy, vs.ids[idx], vs.mask[idx],
-                                         jax.random.PRNGKey(0), self.greedy_cfg, params=params)
-            texts += decode(self.policy, tok, lens)[: min(bs, len(vs) - s)]
-        parsed = [parse_answer(t) for t in texts]
-        f1 = [M.f1(p.answer, g) for p, g in zip(parsed, vs.golds)]
-        bleu = [M.bleu1(p.answer, g) for p, g in zip(parsed, vs.golds)]
-        em = [M.exact_match(p.answer, g) for p, g in zip(parsed, vs.golds)]
-        line = [not p.answer_line_missing for p in parsed]
-        return {"val_f1": 100 * float(np.mean(f1)), "val_bleu1": 100 * float(np.mean(bleu)),
-                "val_em": 100 * float(np.mean(em)), "val_answer_line": float(np.mean(line))}
+        return self.task.validate(self.policy, params, self.greedy_cfg)
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
@@ -282,7 +249,7 @@ class Trainer:
             start = int(to_host(self.state.step))
             self.log(f"resumed from {self.workdir / 'checkpoints'} at step {start}")
         writer = MetricsWriter(self.workdir, resume_step=start)
-        best = BestCheckpoint(self.workdir)
+        best = BestCheckpoint(self.workdir, metric=self.task.best_metric)
         num_steps = c.num_steps
         last_val = {}
         bar = _progress(range(start, num_steps), c.progress, initial=start, total=num_steps)
@@ -320,7 +287,8 @@ class Trainer:
         if jax.process_index() != 0:  # process 0 writes the run's files
             return summary
         png = plot_training_curves(self.workdir / "metrics.csv", self.workdir / "curves.png",
-                                   title=f"{self.algo.upper()} Answer Agent, {c.model}")
+                                   title=f"{self.algo.upper()} {self.task.name}, {c.model}",
+                                   panels=self.task.curve_panels)
         summary["curves"] = str(png)
         (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"done: {_fmt(summary)}")
@@ -408,17 +376,14 @@ class BestCheckpoint:
         self.ckpt.close()
 
 
-CURVE_PANELS = (("rollout reward (train samples)", ["reward_mean"]),
-                 ("validation F1 / BLEU-1 / EM (greedy, conv-30)",
-                  ["val_f1", "val_bleu1", "val_em"]),
-                 ("answer length (tokens)", ["completion_len"]),
-                 ("F1 / EM of the train samples", ["f1_mean", "em_mean"]))
+CURVE_PANELS = ANSWER_PANELS  # the Answer Agent's (kept for importers)
 
 
-def plot_training_curves(csv_path, png_path, title: str = "") -> str:
-    """The run's PNG: reward, validation F1, answer length, sample F1/EM against the step."""
+def plot_training_curves(csv_path, png_path, title: str = "", panels=CURVE_PANELS) -> str:
+    """The run's PNG: by default reward, validation F1, answer length and sample F1/EM
+    against the step (a task passes its own ``panels``)."""
     from mr1.metrics_io import plot_curves
-    return plot_curves(csv_path, png_path, panels=list(CURVE_PANELS), title=title)
+    return plot_curves(csv_path, png_path, panels=list(panels), title=title)
 
 
 def _fmt(d: dict) -> str:
@@ -432,35 +397,70 @@ def _progress(it, enabled: bool, **kw):
     return tqdm(it, desc="train", unit="step", **kw)
 
 
-def train(config, workdir, *, policy=None, embedder=None, log=print) -> dict:
-    """Builds the task from ``config`` and runs (or resumes) training in ``workdir``."""
+class RLTask(Protocol):
+    """What :class:`Trainer` trains on: prompts to sample from, their rewards, a validation.
+
+    ``rollout(policy, params, idx, key, cfg)`` samples ``cfg.num_samples`` completions for the
+    training prompts ``idx`` with :func:`mr1.sampling.sample_padded` and scores them; it returns
+    host arrays (``prompt_ids``, ``prompt_mask`` ``[P, T]``; ``tokens``, ``completion_mask``,
+    ``old_logp`` ``[P * G, N]``; ``rewards [P * G]``) and a dict of float metrics.
+    ``validate(policy, params, greedy_cfg)`` returns ``val_*`` metrics, ``best_metric`` among
+    them. Implementations: :class:`mr1.rl.answer_task.AnswerTask`,
+    :class:`mr1.rl.memory_task.ManagerTask`.
+    """
+
+    name: str
+    best_metric: str
+    curve_panels: tuple
+    max_new_tokens: int
+
+    def __len__(self) -> int: ...
+
+    def rollout(self, policy, params, idx: np.ndarray, key, cfg: SamplingConfig
+                ) -> tuple[dict, dict]: ...
+
+    def validate(self, policy, params, cfg: SamplingConfig) -> dict: ...
+
+
+def build_then_train(config, workdir, build_task: Callable[[], RLTask], *, policy,
+                     log=print) -> dict:
+    """Builds the task (process 0 first when there are several) and runs the trainer.
+
+    Process 0 builds (or loads) the memory banks first, the others after it: on a shared
+    workdir they load its banks (two writers of one bank directory collide), on a local one
+    they build the same banks themselves.
+    """
+    if jax.process_count() == 1:
+        task = build_task()
+    else:
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+            task = build_task()
+        multihost_utils.sync_global_devices("mr1.rl.trainer: task built")
+        if jax.process_index() != 0:
+            task = build_task()
+    return Trainer(config, workdir, policy, task, log=log).run()
+
+
+def prepare_workdir(config, workdir) -> pathlib.Path:
+    """Creates ``workdir`` and writes the run's ``config.json`` (process 0)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json(indent=2))
-    policy = policy or _load_policy(config)
+    return workdir
+
+
+def train(config, workdir, *, policy=None, embedder=None, log=print) -> dict:
+    """Builds the Answer Agent task from ``config`` and runs (or resumes) training in
+    ``workdir``."""
+    from mr1.rl.answer_task import AnswerTask
+
+    workdir = prepare_workdir(config, workdir)
+    policy = policy or load_policy_from_config(config)
     if embedder is None:
         from mr1.memory.embedder import load_embedder
         embedder = load_embedder()
-    mem_dir = pathlib.Path(config.memory.get("dir", "") or workdir / "memory")
-
-    def prompt_sets():
-        return (build_prompt_set(config, "train", policy, embedder, mem_dir,
-                                 max_questions=config.data.max_train_questions, log=log),
-                build_prompt_set(config, "validation", policy, embedder, mem_dir,
-                                 max_questions=config.eval.num_questions, log=log))
-
-    if jax.process_count() == 1:
-        train_set, val_set = prompt_sets()
-    else:
-        # Process 0 builds (or loads) the memory banks first, the others after it: on a shared
-        # workdir they load its banks (two writers of one bank directory collide), on a local
-        # one they build the same banks themselves.
-        from jax.experimental import multihost_utils
-        if jax.process_index() == 0:
-            train_set, val_set = prompt_sets()
-        multihost_utils.sync_global_devices("mr1.rl.trainer: memory banks built")
-        if jax.process_index() != 0:
-            train_set, val_set = prompt_sets()
-    return Trainer(config, workdir, policy, train_set, val_set, log=log).run()
-
+    return build_then_train(
+        config, workdir, lambda: AnswerTask.from_config(config, policy, embedder, workdir, log),
+        policy=policy, log=log)

@@ -1,0 +1,51 @@
+"""GRPO for the Memory Manager on LoCoMo, embedded SmolLM2-135M-Instruct, sized for a 2-core CPU.
+
+    python experiments/grpo_memory.py \
+        --config=experiments/configs/locomo_smollm2_135m_grpo_memory.py \
+        --config.answer.checkpoint=runs/grpo_answer/best --workdir=runs/grpo_memory
+
+Training data (mr1.rl.memory_task): every LoCoMo observation of ``conv-26`` whose turn is
+evidence for a QA (99 facts, 121 linked QAs), each with the temporal bank of all preceding
+turns; validation: the same on ``conv-30``. The manager sees ``memory.retrieve_k`` related
+memories and writes the paper's JSON; ``G`` outputs per fact are applied to copies of the bank
+and the frozen Answer Agent (``answer.checkpoint``; "" = the base model) answers the linked
+QAs. CPU-scale choices (the paper's 8B setup in comments): the reward adds F1 to EM (a 135M
+Answer Agent rarely hits EM; equal rewards give no gradient) and a small penalty for malformed
+or refused ops; optimiser and loss settings are the Answer Agent's.
+"""
+
+import pathlib
+import runpy
+
+import ml_collections
+
+_base = runpy.run_path(str(pathlib.Path(__file__).with_name("locomo_smollm2_135m_grpo.py")))
+
+
+def get_config():
+    c = _base["get_config"]()
+    c.num_steps = 30                    # 30 x 4 = 120 facts (about one pass over the 99)
+    c.data = ml_collections.ConfigDict()
+    c.data.max_train_samples = 0        # 0 = every training fact
+
+    c.memory.retrieve_k = 5             # related memories shown to the manager (Mem0: 10)
+
+    c.manager = ml_collections.ConfigDict()
+    c.manager.max_new_tokens = 64       # the JSON op (paper: 2048)
+
+    c.answer.checkpoint = ""            # frozen Answer Agent ("" = base model; e.g.
+                                        # runs/grpo_answer/best)
+    c.answer.batch_size = 16            # greedy answer prompts per generate call
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.answer = ml_collections.ConfigDict()  # mr1.rl.rewards terms on the frozen agent's
+    c.reward.answer.em = 1.0            # answers to the linked QAs (paper: EM only)
+    c.reward.answer.f1 = 1.0
+    c.reward.invalid_penalty = 0.1      # malformed / refused op (applied as NOOP)
+
+    c.eval.every = 5                    # validate every N steps (and at step 0 and the end)
+    c.eval.num_samples = 32             # conv-30 facts used (0 = all 54)
+    c.eval.batch_size = 16
+    c.checkpoint_every = 5
+    del c.eval.num_questions
+    return c
