@@ -221,9 +221,6 @@ def test_samples_are_the_facts_of_evidence_turns(conv, data):
     np.testing.assert_array_equal(sub.fact_embeddings, data.fact_embeddings[pos])
 
 
-@pytest.mark.xfail(strict=True, reason="build_manager_data maps QAs to conv.qas indices by "
-                   "question_id; QA.question_id defaults to '', and QAs without distinct ids "
-                   "all link to the LAST QA (memory_task.py: qa_index = {qa.question_id: i})")
 def test_qas_without_question_ids_link_to_themselves(conv):
     bare = dataclasses.replace(conv, qas=tuple(dataclasses.replace(q, question_id="")
                                                for q in conv.qas))

@@ -81,7 +81,8 @@ def get_config():
     c.lora.targets = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # adapted weights
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 10                   # validate every N steps (and at step 0 and the end)
+    c.eval.every = 5                    # validate every N steps (and at step 0 and the end);
+                                        # the best is kept in <workdir>/best
     c.eval.num_questions = 40           # conv-30 questions used (0 = all 81)
     c.eval.batch_size = 20              # greedy prompts per generate call
 

@@ -163,11 +163,13 @@ def build_manager_data(selected: Sequence[tuple[Conversation, Sequence]], cfg: P
     convs, memories, samples, fact_emb, q_emb, prompts = {}, {}, [], [], {}, []
     for conv, qas in selected:
         memory, rows = temporal_memory(conv, cfg, embedder, tokenize, pad_id=pad_id)
-        qa_index = {qa.question_id: i for i, qa in enumerate(conv.qas)}
+        position = {id(qa): i for i, qa in enumerate(conv.qas)}  # question ids may be ""
         by_turn = collections.defaultdict(list)
         for qa in qas:
+            i = position.get(id(qa))
+            i = conv.qas.index(qa) if i is None else i  # an equal copy of one of conv.qas
             for e in qa.evidence:
-                by_turn[e.strip()].append(qa_index[qa.question_id])
+                by_turn[e.strip()].append(i)
         convs[conv.sample_id], memories[conv.sample_id] = conv, memory
         q_emb[conv.sample_id] = np.asarray(embedder.encode([qa.question for qa in conv.qas]),
                                            np.float32)
