@@ -34,6 +34,7 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     num_samples: int = 1  # samples per prompt, sharing one prefill
+    allowed_tokens: tuple[int, ...] = ()  # if set, every token is drawn from these ids only
 
 
 @dataclasses.dataclass
@@ -83,8 +84,15 @@ def _inverse_cdf_sample(rng, logits):
 
 
 def sample_token(rng, logits, cfg: SamplingConfig):
-    """Samples ``[B]`` tokens from float32 ``logits [B, V]``; returns (tokens, model logprobs)."""
+    """Samples ``[B]`` tokens from float32 ``logits [B, V]``; returns (tokens, model logprobs).
+
+    ``cfg.allowed_tokens`` restricts the choice (greedy or sampled) to those ids; the logprobs
+    returned stay the model's own over the whole vocabulary (what the RL update scores).
+    """
     logp = jax.nn.log_softmax(logits, axis=-1)
+    if cfg.allowed_tokens:
+        allowed = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(cfg.allowed_tokens)].set(True)
+        logits = jnp.where(allowed, logits, -jnp.inf)
     if cfg.temperature <= 0.0:
         tok = jnp.argmax(logits, axis=-1)
     else:
@@ -238,7 +246,8 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, length: int | Non
 def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
              seed: int | jax.Array = 0, chat: bool = True, *, top_k: int = 0,
              top_p: float = 1.0, num_samples: int = 1, system_prompt: str | None = None,
-             max_prompt_tokens: int | None = None, ignore_eos: bool = False) -> GenerateOutput:
+             max_prompt_tokens: int | None = None, ignore_eos: bool = False,
+             allowed_tokens: tuple[int, ...] = ()) -> GenerateOutput:
     """Samples completions for ``prompts`` (strings, or lists of token ids).
 
     Args:
@@ -253,6 +262,7 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
       system_prompt: optional system message for chat prompts.
       max_prompt_tokens: reject longer prompts (default: what fits the model's window).
       ignore_eos: always decode ``max_new_tokens`` (benchmarks).
+      allowed_tokens: token ids every generated token is chosen from (constrained choices).
 
     Raises:
       ValueError: empty input, or a prompt longer than the configured maximum.
@@ -282,7 +292,8 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     length = bucket_length(max(map(len, prompt_ids)))
     ids, mask = left_pad(prompt_ids, pad, length, bucket_batch(n))
     scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature),
-                          top_k=int(top_k), top_p=float(top_p), num_samples=int(num_samples))
+                          top_k=int(top_k), top_p=float(top_p), num_samples=int(num_samples),
+                          allowed_tokens=tuple(int(t) for t in allowed_tokens))
     fn = _compiled_sampler(cfg, scfg, () if ignore_eos else policy.eos_token_ids, pad)
     rng = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
     tokens, logprobs, lengths = jax.device_get(fn(policy.params, ids, mask, rng))

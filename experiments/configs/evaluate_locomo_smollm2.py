@@ -36,7 +36,8 @@ def get_config():
     c.memory.max_len = 64               # tokens per memory kept in the bank tensors
     c.memory.full_policy = "evict_lru"  # ADD on a full bank: refuse | evict_lru | evict_oldest
     c.memory.retrieve_k = 10            # memories shown to the manager per fact (Mem0: 10)
-    c.memory.manager_max_new_tokens = 96  # manager JSON budget
+    c.memory.manager_format = "json"    # manager reply: "json" (paper) | "line" (one op line)
+    c.memory.manager_max_new_tokens = 96  # manager reply budget
     c.memory.extract_max_new_tokens = 64  # fact extraction budget
     c.memory.max_facts_per_turn = 4     # extracted facts kept per turn
     c.memory.max_sessions = 0           # only the first N sessions (0 = all; quick runs)

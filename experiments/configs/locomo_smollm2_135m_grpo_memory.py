@@ -29,9 +29,14 @@ def get_config():
     c.data.max_train_samples = 0        # 0 = every training fact
 
     c.memory.retrieve_k = 5             # related memories shown to the manager (Mem0: 10)
+    c.memory.manager_format = "op"      # "op": one constrained word (ADD / UPDATE / DELETE /
+                                        # NONE; UPDATE and DELETE act on the most similar memory,
+                                        # UPDATE appends the fact to it, ADD writes the fact);
+                                        # "json" (the paper's) or "line": free text, which
+                                        # SmolLM2-135M sampled at T=1 almost never gets right
 
     c.manager = ml_collections.ConfigDict()
-    c.manager.max_new_tokens = 64       # the JSON op (paper: 2048)
+    c.manager.max_new_tokens = 64       # "json"/"line" reply budget (paper: 2048); "op": 1
 
     c.answer.checkpoint = ""            # frozen Answer Agent ("" = base model; e.g.
                                         # runs/grpo_answer/best)

@@ -47,7 +47,8 @@ import numpy as np
 from mr1.agents import prompts as P
 from mr1.data.records import Conversation
 from mr1.memory import bank as B
-from mr1.memory.ops import ParsedOp, parse_ops, ops_to_actions
+from mr1.memory.ops import (ParsedOp, ParseResult, op_choice_tokens, ops_to_actions,
+                            parse_op_choice, parse_ops)
 
 FACT_MODES = ("observations", "llm")
 MANAGER_MODES = ("add_all", "llm")
@@ -65,6 +66,7 @@ class PipelineConfig:
     max_len: int = 64                  # tokens kept per memory in the bank tensors
     full_policy: str = "evict_lru"     # what ADD does on a full bank (mr1.memory.bank)
     retrieve_k: int = 10               # memories shown to the manager (Mem0: 10)
+    manager_format: str = "json"       # manager prompt/reply form: "json" (paper) | "line"
     manager_max_new_tokens: int = 96   # manager reply budget
     extract_max_new_tokens: int = 64   # fact extraction reply budget
     max_facts_per_turn: int = 4        # extracted facts kept per turn ("llm" facts)
@@ -76,6 +78,9 @@ class PipelineConfig:
             raise ValueError(f"facts must be one of {FACT_MODES}, got {self.facts!r}")
         if self.manager not in MANAGER_MODES:
             raise ValueError(f"manager must be one of {MANAGER_MODES}, got {self.manager!r}")
+        if self.manager_format not in P.MANAGER_PROMPTS:
+            raise ValueError(f"manager_format must be one of {sorted(P.MANAGER_PROMPTS)}, "
+                             f"got {self.manager_format!r}")
 
     @classmethod
     def from_mapping(cls, m: Any) -> "PipelineConfig":
@@ -242,12 +247,12 @@ class MemoryBuilder:
         return [(t.speaker, f) for t, out in zip(turns, texts)
                 for f in parse_facts(out, self.cfg.max_facts_per_turn)]
 
-    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def _generate(self, prompts: list[str], max_new_tokens: int, **kw) -> list[str]:
         out = []
         for s in range(0, len(prompts), self.cfg.batch_size):
             chunk = prompts[s:s + self.cfg.batch_size]
             out += list(self.generate(self.policy, chunk, max_new_tokens=max_new_tokens,
-                                      temperature=0.0).texts)
+                                      temperature=0.0, **kw).texts)
         return out
 
     # -- one conversation
@@ -298,11 +303,18 @@ class MemoryBuilder:
             slots = retrieved[i]
             shown.append(slots)
             prompts.append(P.memory_manager_prompt(
-                mem.name, fact, [(d, mem.texts[s] or "") for d, s in enumerate(slots)]))
-        outs = self._generate(prompts, self.cfg.manager_max_new_tokens)
+                mem.name, fact, [(d, mem.texts[s] or "") for d, s in enumerate(slots)],
+                form=self.cfg.manager_format))
+        choice = self.cfg.manager_format == "op"
+        outs = (self._generate(prompts, 1, allowed_tokens=op_choice_tokens(self.tokenize))
+                if choice else self._generate(prompts, self.cfg.manager_max_new_tokens))
         stats.manager_calls += len(prompts)
         for (mem, fact), slots, out in zip(kept, shown, outs):
-            parsed = parse_ops(out, valid_ids=range(len(slots)))
+            if choice:  # one constrained word; target (id 0) and text follow from the fact
+                op = parse_op_choice(out, fact, [mem.texts[s] or "" for s in slots])
+                parsed = ParseResult((op,), "choice")
+            else:
+                parsed = parse_ops(out, valid_ids=range(len(slots)))
             for reason in parsed.reasons:
                 stats.invalid[reason.value] += 1
             ops: list[ParsedOp] = list(parsed.ops)

@@ -4,6 +4,10 @@
   self-contained facts, one per line, each carrying the session date;
 * :data:`MEMORY_MANAGER` -- shows one new fact and the related memories (with ids) and asks for
   the paper's (Mem0's) JSON ``{"memory": [{"id", "text", "event", "old_memory"}]}``;
+  :data:`MEMORY_MANAGER_LINE` asks for the same op as one line (``ADD: text``,
+  ``UPDATE <id>: text``, ``DELETE <id>``, ``NONE``); :data:`MEMORY_MANAGER_OP` asks for the op
+  word only (sampled constrained to the four words; :func:`mr1.memory.ops.choice_to_op` derives
+  the target and text), the form a 135M model can learn on a CPU;
 * :data:`ANSWER_AGENT` -- shows the retrieved memories of each speaker with timestamps and asks
   the model to first list the relevant ones (memory distillation), then a final line
   ``**Answer:** <short answer>`` of under 6 words.
@@ -70,9 +74,43 @@ def fact_extraction_prompt(speaker: str, text: str, date: str) -> str:
     return FACT_EXTRACTION.format(speaker=speaker, text=text, date=date or "an unknown date")
 
 
-def memory_manager_prompt(speaker: str, fact: str,
-                          memories: Sequence[tuple[int | str, str]]) -> str:
-    return MEMORY_MANAGER.format(speaker=speaker, fact=fact, memories=format_memories(memories))
+MEMORY_MANAGER_LINE = """You manage the memory of {speaker}. Compare the new fact with the \
+existing memories and choose one operation.
+
+Existing memories:
+{memories}
+
+New fact: {fact}
+
+Reply with exactly one line, one of:
+ADD: <the new fact>
+UPDATE <id>: <memory <id> merged with the new fact>
+DELETE <id>
+NONE"""
+
+MEMORY_MANAGER_OP = """You manage the memory of {speaker}. Compare the new fact with the \
+existing memories, most similar first.
+
+Existing memories:
+{memories}
+
+New fact: {fact}
+
+Reply with one word: ADD if the fact is new information, UPDATE if it adds to memory [0] \
+(they are merged), DELETE if it contradicts memory [0], NONE if it is already known."""
+
+MANAGER_PROMPTS = {"json": MEMORY_MANAGER, "line": MEMORY_MANAGER_LINE,
+                   "op": MEMORY_MANAGER_OP}
+
+
+def memory_manager_prompt(speaker: str, fact: str, memories: Sequence[tuple[int | str, str]],
+                          form: str = "json") -> str:
+    """The Memory Manager prompt; ``form`` is a key of :data:`MANAGER_PROMPTS`."""
+    if form not in MANAGER_PROMPTS:
+        raise ValueError(f"manager prompt form must be one of {sorted(MANAGER_PROMPTS)}, "
+                         f"got {form!r}")
+    return MANAGER_PROMPTS[form].format(speaker=speaker, fact=fact,
+                                        memories=format_memories(memories))
 
 
 def answer_prompt(question: str, speaker_a: str, speaker_b: str,

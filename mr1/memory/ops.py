@@ -305,3 +305,48 @@ def ops_to_actions(ops: Sequence[ParsedOp] | ParseResult, tokenize: Callable[[st
         emb[rows] = np.asarray(embed(texts), np.float32)
     return MemoryAction(op=op, target=target, tokens=tokens, length=length, embedding=emb,
                         speaker=np.full((n,), speaker, np.int32))
+
+
+# ----------------------------------------------------------------------------- one-word choices
+
+# The "op" manager form: the model picks the op as one constrained word (its first token); the
+# op's target and text follow from the fact (see :func:`choice_to_op`).
+OP_CHOICE_WORDS: dict[str, OpCode] = {"ADD": OpCode.ADD, "UPDATE": OpCode.UPDATE,
+                                      "DELETE": OpCode.DELETE, "NONE": OpCode.NOOP}
+
+
+def op_choice_tokens(tokenize: Callable[[str], Sequence[int]]) -> tuple[int, ...]:
+    """The first token of each :data:`OP_CHOICE_WORDS` word (what a constrained sampler may
+    emit); they must differ."""
+    firsts = tuple(int(list(tokenize(w))[0]) for w in OP_CHOICE_WORDS)
+    if len(set(firsts)) != len(firsts):
+        raise ValueError(f"the op words {list(OP_CHOICE_WORDS)} share a first token {firsts}; "
+                         "this tokenizer cannot use the 'op' manager form")
+    return firsts
+
+
+def choice_to_op(op: OpCode, fact: str, shown: Sequence[str]) -> ParsedOp:
+    """The full op of a one-word choice: ADD writes the fact; UPDATE merges it into the most
+    similar shown memory (id 0: ``"<memory>; <fact>"``); DELETE removes that memory; NONE is
+    NOOP. UPDATE/DELETE with nothing shown is invalid (``UNKNOWN_ID``)."""
+    if op == OpCode.ADD:
+        return _make_op("ADD", None, fact, "", None)
+    if op == OpCode.NOOP:
+        return ParsedOp(op=OpCode.NOOP, event="NONE")
+    if not shown:
+        return _invalid(Reason.UNKNOWN_ID, event=op.name)
+    if op == OpCode.UPDATE:
+        return _make_op("UPDATE", 0, f"{shown[0]}; {fact}", shown[0], None)
+    return _make_op("DELETE", 0, "", shown[0], None)
+
+
+def parse_op_choice(text: str, fact: str, shown: Sequence[str]) -> ParsedOp:
+    """Parses a one-word op choice (case-insensitive; a prefix such as the first token "N" of
+    "NONE" counts) into the op :func:`choice_to_op` gives. Never raises."""
+    word = (text or "").strip().split()[0].upper() if (text or "").strip() else ""
+    if not word:
+        return _invalid(Reason.EMPTY_OUTPUT)
+    matches = [op for w, op in OP_CHOICE_WORDS.items() if w.startswith(word) or word.startswith(w)]
+    if len(matches) != 1:
+        return _invalid(Reason.UNKNOWN_EVENT, event=word)
+    return choice_to_op(matches[0], fact, shown)

@@ -49,7 +49,7 @@ from mr1.agents.pipeline import (BuildStats, ConversationMemory, PipelineConfig,
 from mr1.data.records import Conversation
 from mr1.eval import metrics as M
 from mr1.memory import bank as B
-from mr1.memory.ops import ParsedOp, parse_ops
+from mr1.memory.ops import ParsedOp, op_choice_tokens, parse_op_choice, parse_ops
 from mr1.rl.answer_task import PAD_MULTIPLE, answer_metrics, greedy_texts, sampling_metrics
 from mr1.rl.rewards import combined_reward
 from mr1.sampling import SamplingConfig, decode, encode_prompts, left_pad, sample_padded
@@ -192,7 +192,8 @@ def build_manager_data(selected: Sequence[tuple[Conversation, Sequence]], cfg: P
                                          linked))
             fact_emb.append(e)
             prompts.append(PR.memory_manager_prompt(
-                mem.name, text, [(d, mem.texts[s] or "") for d, s in enumerate(shown)]))
+                mem.name, text, [(d, mem.texts[s] or "") for d, s in enumerate(shown)],
+                form=cfg.manager_format))
     order = np.arange(len(samples))
     if max_samples and max_samples < len(samples):
         order = np.sort(np.random.default_rng(seed).choice(len(samples), max_samples,
@@ -208,6 +209,16 @@ def build_manager_data(selected: Sequence[tuple[Conversation, Sequence]], cfg: P
 def first_op(text: str, num_shown: int) -> ParsedOp:
     """The op an output stands for: its first parsed entry (invalid -> NOOP, marked)."""
     return parse_ops(text, valid_ids=range(num_shown)).ops[0]
+
+
+def output_op(text: str, sample: ManagerSample, memory: ConversationMemory, form: str
+              ) -> ParsedOp:
+    """The op of one manager output in prompt form ``form`` ("op": a one-word choice whose
+    target and text follow from the fact; otherwise the first op the parser finds)."""
+    if form == "op":
+        texts = memory.speakers[sample.speaker].texts
+        return parse_op_choice(text, sample.fact, [texts[s] or "" for s in sample.shown])
+    return first_op(text, len(sample.shown))
 
 
 @jax.jit
@@ -290,6 +301,11 @@ class ManagerTask:
 
     def __post_init__(self):
         self.tokenize = make_tokenize(self.policy)
+        # the "op" form samples one constrained word (the op) per output
+        self.allowed_tokens = (op_choice_tokens(self.tokenize)
+                               if self.pipeline.manager_format == "op" else ())
+        if self.allowed_tokens:
+            self.max_new_tokens = 1
         self.train_ids, self.train_mask = self._encode(self.train.prompts)
         self.val_ids, self.val_mask = self._encode(self.val.prompts)
         self._stacked = {}
@@ -321,7 +337,8 @@ class ManagerTask:
         """
         samples = [data.samples[i] for i in idx for _ in range(group)]
         n = len(samples)
-        ops = [first_op(t, len(s.shown)) for t, s in zip(texts, samples)]
+        form = self.pipeline.manager_format
+        ops = [output_op(t, s, data.memories[s.conv_id], form) for t, s in zip(texts, samples)]
         actions = self._actions(ops, samples)
         out = {k: np.zeros(n, np.float32) for k in ("reward", "f1", "em", "bleu1", "invalid")}
         out["op"] = np.zeros(n, np.int32)

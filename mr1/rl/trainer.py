@@ -1,11 +1,13 @@
-"""The Answer Agent RL loop (GRPO or PPO), shared by ``experiments/{grpo,ppo}_answer.py``.
+"""The RL loop (GRPO or PPO) shared by ``experiments/{grpo,ppo}_{answer,memory}.py``.
 
-One step (DESIGN.md §2): ``P`` training questions (a seeded permutation per epoch, so the data
+One step (DESIGN.md §2): ``P`` training prompts (a seeded permutation per epoch, so the data
 position is a function of the step) → ``G`` samples each at temperature 1 from the jitted
-sampler (one shared prefill per question) → rewards on the host from the parsed answer line →
+sampler (one shared prefill per prompt) → rewards from the task (:class:`RLTask`: the Answer
+Agent's parsed answer line, :class:`mr1.rl.answer_task.AnswerTask`; or the frozen Answer
+Agent's answers after the Memory Manager's op, :class:`mr1.rl.memory_task.ManagerTask`) →
 advantages (GRPO: group-normalised; PPO: GAE over tokens with a linear critic) → one jitted,
-sharded update (:mod:`mr1.rl.train_step`) → metrics (CSV + TensorBoard), validation on
-``conv-30`` every ``eval_every`` steps, an orbax checkpoint every ``checkpoint_every`` steps and
+sharded update (:mod:`mr1.rl.train_step`) → metrics (CSV + TensorBoard), the task's validation
+every ``eval_every`` steps, an orbax checkpoint every ``checkpoint_every`` steps and
 at exit (SIGTERM included). Restarting with the same ``--workdir`` resumes from the latest
 checkpoint and reproduces the uninterrupted run: the rollout key is ``fold_in(seed, step)``.
 
@@ -152,10 +154,12 @@ class Trainer:
         self.score = TS.make_score(self.policy.config, with_values=self.algo == "ppo",
                                    lora_scale=self.lora_scale or 1.0)
         self.batch_sharding = parallel.batch_sharding(self.mesh, microbatched=True)
+        allowed = tuple(getattr(self.task, "allowed_tokens", ()))  # constrained choices
         self.rollout_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens,
                                           temperature=c.rollout.temperature,
-                                          num_samples=self.G)
-        self.greedy_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens)
+                                          num_samples=self.G, allowed_tokens=allowed)
+        self.greedy_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens,
+                                         allowed_tokens=allowed)
         self.nan_steps = set(c.debug.nan_reward_steps)
 
     def policy_params(self):
@@ -405,7 +409,8 @@ class RLTask(Protocol):
     host arrays (``prompt_ids``, ``prompt_mask`` ``[P, T]``; ``tokens``, ``completion_mask``,
     ``old_logp`` ``[P * G, N]``; ``rewards [P * G]``) and a dict of float metrics.
     ``validate(policy, params, greedy_cfg)`` returns ``val_*`` metrics, ``best_metric`` among
-    them. Implementations: :class:`mr1.rl.answer_task.AnswerTask`,
+    them. An optional ``allowed_tokens`` attribute constrains sampling to those token ids.
+    Implementations: :class:`mr1.rl.answer_task.AnswerTask`,
     :class:`mr1.rl.memory_task.ManagerTask`.
     """
 

@@ -1,0 +1,39 @@
+"""The Memory Manager ablation grid on the LoCoMo test split, sized for a 2-core CPU.
+
+Prompted (base) or RL manager x base or RL Answer Agent, one command per cell (the manager's
+banks are built once per manager and resumed from ``memory.dir``):
+
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_memory_ablation.py \
+        --config.memory.dir=runs/abl/mem_prompted --workdir=runs/abl/prompted_base
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_memory_ablation.py \
+        --config.memory.dir=runs/abl/mem_prompted --config.checkpoint=runs/grpo_answer/best \
+        --workdir=runs/abl/prompted_rl
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_memory_ablation.py \
+        --config.memory.dir=runs/abl/mem_rl --config.memory.manager_checkpoint=runs/grpo_memory/best \
+        --workdir=runs/abl/rl_base
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_memory_ablation.py \
+        --config.memory.dir=runs/abl/mem_rl --config.memory.manager_checkpoint=runs/grpo_memory/best \
+        --config.checkpoint=runs/grpo_answer/best --workdir=runs/abl/rl_rl
+
+Same prompts and budgets as the RL configs (observations as facts; the manager shown the 5
+most similar memories and choosing the op as one constrained word, ``memory.manager_format="op"``;
+2 x 5 memories and 32 new tokens for the answer) and the same 128 seeded test questions as
+``evaluate_locomo_rl.py`` (16 per test conversation; every fact of the 8 conversations, 2,188,
+goes through the manager); ``--config.max_questions_per_conversation=0`` answers all 1,307.
+``--config.memory.manager=add_all`` gives the no-manager reference (every fact ADDed) and
+``--config.memory.manager_format=json`` the paper's JSON prompt.
+"""
+
+import pathlib
+import runpy
+
+_base = runpy.run_path(str(pathlib.Path(__file__).with_name("evaluate_locomo_rl.py")))
+
+
+def get_config():
+    c = _base["get_config"]()
+    c.memory.manager = "llm"            # the Memory Manager decides every fact's op
+    c.memory.retrieve_k = 5             # as in locomo_smollm2_135m_grpo_memory.py
+    c.memory.manager_format = "op"      # as in locomo_smollm2_135m_grpo_memory.py
+    c.memory.manager_max_new_tokens = 64
+    return c
