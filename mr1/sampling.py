@@ -36,6 +36,10 @@ class SamplingConfig:
     num_samples: int = 1  # samples per prompt, sharing one prefill
     allowed_tokens: tuple[int, ...] = ()  # if set, every token is drawn from these ids only
 
+    def __post_init__(self):  # a hashable, sorted, duplicate-free tuple (the config is a cache key)
+        object.__setattr__(self, "allowed_tokens",
+                           tuple(sorted({int(t) for t in self.allowed_tokens})))
+
 
 @dataclasses.dataclass
 class GenerateOutput:
@@ -146,6 +150,10 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
     """A jitted ``(params, prompt_ids, prompt_mask, rng) -> (tokens, logprobs, lengths)``."""
     g, new = cfg.num_samples, cfg.max_new_tokens
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    bad = [t for t in cfg.allowed_tokens if not 0 <= t < model_cfg.vocab_size]
+    if bad:
+        raise ValueError(f"allowed_tokens {bad} are outside the vocabulary "
+                         f"(0..{model_cfg.vocab_size - 1})")
 
     def run(params, prompt_ids, prompt_mask, rng):
         b = prompt_ids.shape[0]

@@ -511,3 +511,21 @@ def test_build_stats_roundtrip_keeps_invalid_counts():
     s = BuildStats(facts=2, manager_calls=2)
     s.invalid[Reason.UNKNOWN_EVENT.value] += 1
     assert BuildStats.from_dict(s.to_dict()).invalid == s.invalid
+
+
+def test_allowed_tokens_are_checked_and_normalised():
+    """Ids outside the vocabulary raise (they would silently give token 0); a list becomes a
+    sorted, duplicate-free, hashable tuple (the config is the sampler's cache key)."""
+    import jax
+
+    from mr1.models import load_policy
+    from mr1.sampling import SamplingConfig, sample_padded
+
+    cfg = SamplingConfig(allowed_tokens=[5, 3, 5])
+    assert cfg.allowed_tokens == (3, 5)
+    assert cfg == SamplingConfig(allowed_tokens=(3, 5)) and hash(cfg) == hash(SamplingConfig(allowed_tokens=(5, 3)))
+    policy = load_policy("tiny")
+    ids = np.ones((1, 4), np.int32)
+    for bad in ((300,), (-1,), (5, 256)):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            sample_padded(policy, ids, ids, jax.random.PRNGKey(0), SamplingConfig(allowed_tokens=bad))

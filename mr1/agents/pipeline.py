@@ -66,7 +66,7 @@ class PipelineConfig:
     max_len: int = 64                  # tokens kept per memory in the bank tensors
     full_policy: str = "evict_lru"     # what ADD does on a full bank (mr1.memory.bank)
     retrieve_k: int = 10               # memories shown to the manager (Mem0: 10)
-    manager_format: str = "json"       # manager prompt/reply form: "json" (paper) | "line"
+    manager_format: str = "json"       # manager reply: "json" (paper) | "line" | "op" (one word)
     manager_max_new_tokens: int = 96   # manager reply budget
     extract_max_new_tokens: int = 64   # fact extraction reply budget
     max_facts_per_turn: int = 4        # extracted facts kept per turn ("llm" facts)
