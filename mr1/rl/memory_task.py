@@ -268,9 +268,10 @@ def stack_banks(memory: ConversationMemory) -> B.MemoryBank:
 MANAGER_PANELS = (("rollout reward (train samples)", ["reward_mean"]),
                   ("validation answers after the manager's ops (greedy, conv-30)",
                    ["val_f1", "val_bleu1", "val_em"]),
-                  ("validation op distribution", ["val_add", "val_update", "val_delete",
-                                                  "val_noop", "val_invalid"]),
-                  ("manager output length (tokens)", ["completion_len"]))
+                  ("rollout ops (train samples, T=1)", ["op_add", "op_update", "op_delete",
+                                                        "op_noop", "invalid_frac"]),
+                  ("validation ops (greedy)", ["val_add", "val_update", "val_delete",
+                                               "val_noop", "val_invalid"]))
 
 
 @dataclasses.dataclass
