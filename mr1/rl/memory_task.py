@@ -448,8 +448,10 @@ class ManagerTask:
         length = -(-max(map(len, ids)) // (2 * PAD_MULTIPLE)) * (2 * PAD_MULTIPLE)
         arr, mask = left_pad(ids, self.policy.pad_token_id, length)
         cfg = SamplingConfig(max_new_tokens=self.answer_max_new_tokens)
+        # one batch size for every call (short lists wrap around): the number of distinct
+        # answer prompts varies per step and each batch shape would compile anew
         return greedy_texts(self.policy, self.answer_params, arr, mask, cfg,
-                            min(self.answer_batch_size, len(prompts)))
+                            self.answer_batch_size)
 
     # -- RLTask
     def rollout(self, policy, params, idx, key, cfg: SamplingConfig) -> tuple[dict, dict]:
