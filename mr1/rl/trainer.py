@@ -180,6 +180,7 @@ class Trainer:
         arrays, metrics = self.task.rollout(self.policy, params, idx, key, self.rollout_cfg)
         if step in self.nan_steps:  # fault injection (tests): a NaN reward must skip the update
             arrays["rewards"] = np.full_like(arrays["rewards"], np.nan)
+            metrics.update(reward_mean=float("nan"), reward_std=float("nan"))
         return arrays, metrics
 
     def _to_batch(self, arrays: dict) -> TS.RolloutBatch:
