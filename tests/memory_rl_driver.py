@@ -53,15 +53,9 @@ def dense_scores(score_outputs):
 def make_config(overrides: dict):
     import runpy
 
-    c = runpy.run_path(str(CONFIG))["get_config"]()
-    for key, value in overrides.items():  # "a.b.c": value (a JSON list becomes a tuple)
-        *parents, name = key.split(".")
-        target = c
-        for part in parents:
-            target = target[part]
-        target[name] = tuple(value) if isinstance(value, list) else value
-    c.lock()
-    return c
+    from tests.rl_driver import apply_overrides
+
+    return apply_overrides(runpy.run_path(str(CONFIG))["get_config"](), overrides)
 
 
 def main(argv=None) -> None:

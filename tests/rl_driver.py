@@ -58,7 +58,13 @@ def make_config(overrides: dict):
 
     c = runpy.run_path(str(CONFIG))["get_config"]()
     c.reward = ml_collections.ConfigDict({"toy": 1.0})
-    for key, value in overrides.items():  # "a.b.c": value (a JSON list becomes a tuple)
+    return apply_overrides(c, overrides)
+
+
+def apply_overrides(c, overrides: dict):
+    """Sets ``{"a.b.c": value}`` fields of config ``c`` (a JSON list becomes a tuple) and locks
+    it."""
+    for key, value in overrides.items():
         *parents, name = key.split(".")
         target = c
         for part in parents:
