@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import pathlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +49,7 @@ from mr1.data.records import Conversation
 from mr1.eval import metrics as M
 from mr1.memory import bank as B
 from mr1.memory.ops import ParsedOp, op_choice_tokens, parse_op_choice, parse_ops
-from mr1.rl.answer_task import PAD_MULTIPLE, answer_metrics, greedy_texts, sampling_metrics
+from mr1.rl.answer_task import PAD_MULTIPLE, greedy_texts, sampling_metrics
 from mr1.rl.rewards import combined_reward
 from mr1.sampling import SamplingConfig, decode, encode_prompts, left_pad, sample_padded
 
@@ -552,7 +551,3 @@ def train_memory(config, workdir, *, policy=None, embedder=None, answer_fn=None,
             answer_params=answer_params, answer_fn=answer_fn)
 
     return build_then_train(config, workdir, build, policy=policy, log=log)
-
-
-def default_workdir(algo: str) -> str:
-    return str(pathlib.Path("runs") / f"{algo}_memory")
