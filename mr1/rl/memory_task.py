@@ -8,13 +8,15 @@ so the *temporal memory bank of the turns before turn t* is the full bank with o
 ``n_t`` slots valid (:func:`prefix_bank`) -- one bank build serves every turn, exactly. A
 training sample (:class:`ManagerSample`) is one fact of a turn that is evidence for at least
 one QA, with the bank of all preceding turns (every earlier turn, not a window) and the QAs
-whose evidence holds that turn. ``conv-26`` gives 99 samples linked to 121 of its 152 QAs,
-``conv-30`` (validation) 54.
+whose evidence holds that turn. ``conv-26`` gives 104 samples (174 fact-QA links, 121 of its
+152 QAs), ``conv-30`` (validation) 57.
 
 **Rollout** (:meth:`ManagerTask.rollout`). The manager sees the fact and the ``retrieve_k``
-memories of that speaker most similar to it (display ids ``0..k-1``) and writes the paper's
-JSON; ``G`` outputs per fact are sampled at temperature 1. Each output is parsed
-(:func:`mr1.memory.ops.parse_ops`; its first op counts: one op per fact), and all ``P * G``
+memories of that speaker most similar to it (display ids ``0..k-1``) and replies in the form
+``memory.manager_format`` names (the paper's JSON, one op line, or one op word sampled from the
+four op words only, :func:`mr1.memory.ops.choice_to_op`); ``G`` outputs per fact are sampled at
+temperature 1. Each output is parsed (:func:`output_op`; the first op counts: one op per
+fact), and all ``P * G``
 ops are applied at once, each to its own copy of the sample's prefix bank, by one jitted
 ``vmap`` (:func:`apply_sample_ops`; the copies never see each other's ops). The frozen Answer
 Agent then answers every linked question from each resulting pair of banks (its usual prompt:
