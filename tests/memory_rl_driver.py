@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -91,16 +90,9 @@ def main(argv=None) -> None:
 def run(workdir, overrides=None, *, devices: int = 1, timeout: float = 300.0,
         cache_dir=None) -> subprocess.Popen:
     """Starts the driver in its own session (output to ``<workdir>.log``); see :func:`finish`."""
-    env = dict(os.environ)
-    if cache_dir:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={devices}").strip()
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    from tests.rl_driver import driver_env
+
+    env = driver_env(devices, cache_dir)
     cmd = [sys.executable, "-m", "tests.memory_rl_driver", str(workdir)]
     for k, v in (overrides or {}).items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]

@@ -107,13 +107,9 @@ def main(argv=None) -> None:
 
 # ------------------------------------------------------------------------------- test helpers
 
-def launch(workdir, overrides: dict | None = None, *, devices: int = 1, log_path=None,
-           extra_args: tuple = (), cache_dir=None) -> subprocess.Popen:
-    """Starts the driver in a subprocess (its own session, so a kill reaches only it).
-
-    ``cache_dir``: a JAX persistent compilation cache shared by the test's runs (each run
-    would otherwise spend most of its time compiling the same programs).
-    """
+def driver_env(devices: int = 1, cache_dir=None) -> dict:
+    """The environment of a driver subprocess: CPU with ``devices`` forced host devices, the
+    repository on the path and, with ``cache_dir``, a shared persistent compilation cache."""
     env = dict(os.environ)
     if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
@@ -124,6 +120,17 @@ def launch(workdir, overrides: dict | None = None, *, devices: int = 1, log_path
                         f" --xla_force_host_platform_device_count={devices}").strip()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def launch(workdir, overrides: dict | None = None, *, devices: int = 1, log_path=None,
+           extra_args: tuple = (), cache_dir=None) -> subprocess.Popen:
+    """Starts the driver in a subprocess (its own session, so a kill reaches only it).
+
+    ``cache_dir``: a JAX persistent compilation cache shared by the test's runs (each run
+    would otherwise spend most of its time compiling the same programs).
+    """
+    env = driver_env(devices, cache_dir)
     cmd = [sys.executable, "-m", "tests.rl_driver", str(workdir)]
     for k, v in (overrides or {}).items():
         cmd += ["--set", f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"]

@@ -106,6 +106,11 @@ class ManagerData:
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def max_links(self) -> int:
+        """The most QAs linked to one sample (the padded question axis of a scoring call)."""
+        return max((len(s.qa_indices) for s in self.samples), default=1)
+
 
 def temporal_memory(conv: Conversation, cfg: PipelineConfig, embedder, tokenize, *,
                     pad_id: int = 0) -> tuple[ConversationMemory, list[tuple]]:
@@ -359,7 +364,8 @@ class ManagerTask:
             own_n = jnp.asarray([samples[j].prefix[samples[j].speaker] for j in rows], jnp.int32)
             acts = jax.tree.map(lambda x: jnp.asarray(x[np.asarray(rows)]), actions)
             own, res = apply_sample_ops(banks, spk, own_n, acts)
-            q_max = max(len(samples[j].qa_indices) for j in rows)
+            # one query count per data set (not per batch): retrieve_after_ops compiles once
+            q_max = data.max_links
             qe = data.question_embeddings[conv_id]
             queries = np.zeros((len(rows), q_max, qe.shape[1]), np.float32)
             for r, j in enumerate(rows):
