@@ -31,6 +31,11 @@ setup(
     extras_require={
         # Test-only tools. The PyTorch reference (torch==2.13.0 CPU, accelerate) used by the
         # parity tests is installed by .ci/run directly, never through an extra users install.
-        "test": ["pytest", "hypothesis", "sentencepiece"],
+        "test": ["pytest", "hypothesis", "sentencepiece",
+                 # the Colab notebook runs top to bottom in CI (tests/test_notebook.py)
+                 "nbclient", "nbformat", "ipykernel"],
+        # Accelerator builds of jax for the launchers (launch/): TPU VMs and CUDA 12 GPUs.
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
     },
 )
