@@ -153,8 +153,12 @@ _MULTI_DEVICE = textwrap.dedent("""
     P = 8  # two copies of the 4 prompts: 8 prompts split over 8 devices
     opt = TS.make_optimizer(1e-3)
     out = {{}}
-    for n, mode, mb in [(1, "replicated", 2), (8, "replicated", 8), (8, "fsdp", 8)]:
-        mesh = parallel.make_mesh(n)
+    cases = [("1-replicated", 1, "replicated", 2, (1, 1, 1)),
+             ("8-replicated", 8, "replicated", 8, (8, 1, 1)),
+             ("8-fsdp", 8, "fsdp", 8, (1, 8, 1)),
+             ("8-data2-fsdp2-tp2", 8, "fsdp", 8, (2, 2, 2))]
+    for name, n, mode, mb, shape in cases:
+        mesh = parallel.make_mesh(n, shape)
         state = TS.init_train_state({{"policy": pol.params}}, opt, 0)
         shard = lambda t: parallel.param_shardings(t, mesh, mode)
         ss = TS.TrainState(step=parallel.replicated(mesh), params=shard(state.params),
@@ -164,15 +168,17 @@ _MULTI_DEVICE = textwrap.dedent("""
                                    parallel.batch_sharding(mesh, microbatched=True))
         new, m = TS.make_update(pol.config, TS.LossConfig(), opt, mesh, ss)(state, batch)
         leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(new.params)]
-        out[f"{{n}}-{{mode}}"] = {{"params": np.concatenate(leaves).tolist(),
-                                  "loss": float(m["loss"]), "devices": int(mesh.size),
-                                  "sharded": str(new.params["policy"]["embed"].sharding)}}
+        out[name] = {{"params": np.concatenate(leaves).tolist(),
+                     "loss": float(m["loss"]), "devices": int(mesh.size),
+                     "sharded": {{k: list(new.params["policy"]["layers"][k].sharding.spec)
+                                 for k in ("wq", "wo")}}}}
     print("RESULT" + json.dumps(out))
 """)
 
 
 def test_update_on_8_devices_equals_single_device():
-    """One update with the batch split over 8 CPU devices (params replicated, then FSDP)
+    """One update on 8 CPU devices (batch split 8 ways with params replicated, then FSDP-sharded;
+    then a (data 2, fsdp 2, tp 2) mesh: batch split 4 ways, weights split over fsdp and tp)
     equals the 1-device update (4 micro-batches there): parameters within 1e-5 (1% of the
     1e-3 Adam step; Adam's first step is lr * g / (|g| + eps), so a gradient that is float
     noise away from zero can move a few 1e-6 when the reduction order changes), loss 1e-5."""
@@ -183,11 +189,17 @@ def test_update_on_8_devices_equals_single_device():
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.split("RESULT", 1)[1])
     base = np.asarray(out["1-replicated"]["params"])
-    for key in ("8-replicated", "8-fsdp"):
+    for key in ("8-replicated", "8-fsdp", "8-data2-fsdp2-tp2"):
         assert out[key]["devices"] == 8
         got = np.asarray(out[key]["params"])
         np.testing.assert_allclose(got, base, atol=1e-5)
         assert np.mean(np.abs(got - base) > 1e-6) < 1e-4  # all but a handful agree to 1e-6
         np.testing.assert_allclose(out[key]["loss"], out["1-replicated"]["loss"], rtol=1e-5,
                                    atol=1e-7)
-    assert "data" in out["8-fsdp"]["sharded"]
+    spec = lambda key, name: out[key]["sharded"][name] + [None] * (  # noqa: E731
+        3 - len(out[key]["sharded"][name]))
+    assert spec("8-replicated", "wq") == [None, None, None]  # [L, D, H*hd]
+    assert (spec("8-fsdp", "wq"), spec("8-fsdp", "wo")) == ([None, "fsdp", None],
+                                                            [None, None, "fsdp"])
+    assert (spec("8-data2-fsdp2-tp2", "wq"), spec("8-data2-fsdp2-tp2", "wo")) == (
+        [None, "fsdp", "tp"], [None, "tp", "fsdp"])

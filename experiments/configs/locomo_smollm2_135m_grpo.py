@@ -90,8 +90,11 @@ def get_config():
     c.checkpoint_keep = 2               # checkpoints kept
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.num_devices = 0          # data-parallel devices (0 = all)
-    c.parallel.param_sharding = "replicated"  # "replicated" | "fsdp"
+    c.parallel.num_devices = 0          # devices used (0 = all)
+    c.parallel.mesh = ()                # (data, fsdp, tp) sizes, one may be -1 (mr1.parallel);
+                                        # () = all devices on one axis, per param_sharding:
+    c.parallel.param_sharding = "replicated"  # "replicated" (data) | "fsdp" (params sharded)
+    c.parallel.remat = False            # recompute layer activations in the backward pass
 
     c.debug = ml_collections.ConfigDict()
     c.debug.nan_reward_steps = ()       # fault injection: steps whose rewards become NaN

@@ -212,6 +212,7 @@ class Decoder(nn.Module):
     """Token ids to final hidden states (after the last RMSNorm); the LM head is separate."""
 
     cfg: ModelConfig
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     @nn.compact
     def __call__(self, tokens, positions, mask, cache=None, cache_mask=None, prefix=None,
@@ -222,8 +223,11 @@ class Decoder(nn.Module):
             self.param("lm_head", _dense_init(), (cfg.hidden_size, cfg.vocab_size))
         h = jnp.take(embed, tokens, axis=0)
         cos, sin = rope_tables(cfg, positions)
+        # remat: only each layer's input is kept for the backward pass (L x [B, T, D]); the
+        # block's attention scores and MLP activations are recomputed, layer by layer
+        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
         layers = nn.scan(
-            Block,
+            block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -246,7 +250,8 @@ def init_params(cfg: ModelConfig, rng: Array, dtype=jnp.float32) -> dict:
 
 def forward(params: dict, cfg: ModelConfig, tokens: Array, positions: Array, mask: Array,
             cache: KVCache | None = None, cache_mask: Array | None = None,
-            prefix: KVCache | None = None, prefix_mask: Array | None = None):
+            prefix: KVCache | None = None, prefix_mask: Array | None = None,
+            remat: bool = False):
     """Runs the decoder.
 
     Args:
@@ -260,13 +265,15 @@ def forward(params: dict, cfg: ModelConfig, tokens: Array, positions: Array, mas
       prefix: optional :class:`KVCache` ``[L, P, K, S_p, hd]`` shared by groups of ``B / P``
         consecutive rows (the G samples of a prompt), attended before ``cache``.
       prefix_mask: bool ``[P, S_p]``: valid prefix slots (with ``prefix``).
+      remat: rematerialise each block in the backward pass (training memory: only the layer
+        inputs are saved). Same values and gradients.
 
     Returns:
       ``(hidden [B, T, D], (k, v))`` with this call's keys/values ``[L, B, K, T, hd]``; write
       them into a cache with :meth:`KVCache.write`.
     """
-    return Decoder(cfg).apply({"params": params}, tokens, positions, mask, cache, cache_mask,
-                              prefix, prefix_mask)
+    return Decoder(cfg, remat=remat).apply({"params": params}, tokens, positions, mask, cache,
+                                           cache_mask, prefix, prefix_mask)
 
 
 def lm_head(params: dict, cfg: ModelConfig) -> Array:

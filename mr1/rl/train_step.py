@@ -103,6 +103,7 @@ class LossConfig:
     vf_coef: float = 0.5
     vf_clip: float = 0.2
     max_grad_norm: float = 1.0
+    remat: bool = False  # a memory knob, not a loss term: rematerialise each layer (backward)
 
     @classmethod
     def from_mapping(cls, m) -> "LossConfig":
@@ -130,7 +131,7 @@ def init_value_head(cfg: ModelConfig) -> dict:
 
 def score_completions(params: dict, cfg: ModelConfig, prompt_ids, prompt_mask, tokens,
                       completion_mask, *, value_head: dict | None = None,
-                      with_entropy: bool = False) -> dict[str, jax.Array]:
+                      with_entropy: bool = False, remat: bool = False) -> dict[str, jax.Array]:
     """Per-token log-probs (and values / entropies) of completions under ``params``.
 
     Args:
@@ -139,6 +140,7 @@ def score_completions(params: dict, cfg: ModelConfig, prompt_ids, prompt_mask, t
       tokens, completion_mask: ``[P*G, T_c]``; rows ``g*G .. g*G+G-1`` continue prompt ``g``.
       value_head: optional ``{"w", "b"}`` applied to stop-gradient hidden states.
       with_entropy: also return token entropies (costs a softmax over the vocabulary).
+      remat: rematerialise each decoder layer in the backward pass (activation memory).
 
     Returns:
       ``{"logp": [P*G, T_c]}`` float32, plus ``"values"`` and ``"entropy"`` when asked.
@@ -149,7 +151,7 @@ def score_completions(params: dict, cfg: ModelConfig, prompt_ids, prompt_mask, t
     pm = prompt_mask.astype(jnp.int32)
     hidden_p, kv = transformer.forward(params, cfg, prompt_ids,
                                        transformer.padding_positions(pm),
-                                       transformer.causal_mask(pm))
+                                       transformer.causal_mask(pm), remat=remat)
     prefix = KVCache(k=kv[0], v=kv[1])
     cm = completion_mask.astype(bool)
     start = jnp.repeat(jnp.sum(pm, axis=-1), g, axis=0)
@@ -157,7 +159,7 @@ def score_completions(params: dict, cfg: ModelConfig, prompt_ids, prompt_mask, t
     causal = jnp.tril(jnp.ones((t_c, t_c), bool))
     mask = causal[None] & cm[:, None, :]
     hidden_c, _ = transformer.forward(params, cfg, tokens, positions, mask,
-                                      prefix=prefix, prefix_mask=pm.astype(bool))
+                                      prefix=prefix, prefix_mask=pm.astype(bool), remat=remat)
     # token t is predicted from the hidden state before it: the prompt's last for t = 0
     h = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], g, axis=0), hidden_c[:, :-1]], axis=1)
     logits = transformer.logits_from_hidden(params, cfg, h)
@@ -262,7 +264,7 @@ def update_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc:
         scored = score_completions(policy_params(params, frozen, lora_scale), cfg,
                                    mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.completion_mask,
                                    value_head=params.get("value_head"),
-                                   with_entropy=lc.entropy_coef > 0)
+                                   with_entropy=lc.entropy_coef > 0, remat=lc.remat)
         loss, aux = objective(scored, mb, lc)
         w = _agg_count(mb.completion_mask, lc.agg) / total
         return loss * w, {k: v * w for k, v in aux.items()}

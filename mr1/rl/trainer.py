@@ -97,14 +97,17 @@ class Trainer:
         self.algo = c.algo
         self.G = c.rollout.group_size
         self.P = c.rollout.prompts_per_step
-        self.mesh = parallel.make_mesh(c.parallel.num_devices)
-        n_dev = self.mesh.shape[parallel.DATA]
+        n_all = c.parallel.num_devices or jax.device_count()
+        self.mesh = parallel.make_mesh(n_all, parallel.mesh_shape_from_config(c.parallel, n_all))
+        n_dev = parallel.batch_devices(self.mesh)
         mb = c.rollout.microbatch_prompts or self.P
         if self.P % mb or mb % n_dev:
             raise ValueError(f"prompts_per_step {self.P} must split into micro-batches of "
-                             f"{mb} prompts, each divisible by the {n_dev} data-parallel devices")
+                             f"{mb} prompts, each divisible by the {n_dev} devices the batch is "
+                             f"split over (mesh {parallel.mesh_shape(self.mesh)})")
         self.mb = mb
-        self.lc = TS.LossConfig.from_mapping({**c.loss, "objective": self.algo})
+        self.lc = TS.LossConfig.from_mapping({**c.loss, "objective": self.algo,
+                                              "remat": c.parallel.get("remat", False)})
         lora_cfg, rank = c.get("lora") or {}, lora_rank(c)
         # LoRA: train adapters on a frozen base (None: full fine-tuning)
         self.lora_scale = lora_scale(lora_cfg["alpha"], rank) if rank > 0 else None
@@ -122,7 +125,8 @@ class Trainer:
         if self.algo == "ppo":
             params["value_head"] = TS.init_value_head(self.policy.config)
         state = TS.init_train_state(params, self.optimizer, c.seed)
-        shard = lambda t: parallel.param_shardings(t, self.mesh, c.parallel.param_sharding)  # noqa: E731
+        mode = "fsdp" if parallel.mesh_shape(self.mesh).fsdp > 1 else "replicated"
+        shard = lambda t: parallel.param_shardings(t, self.mesh, mode)  # noqa: E731
         self.state_sharding = TS.TrainState(step=parallel.replicated(self.mesh),
                                             params=shard(state.params),
                                             opt_state=shard(state.opt_state),
@@ -147,7 +151,7 @@ class Trainer:
         if self.lc.kl_beta > 0:  # frozen reference = the initial policy (the LoRA base)
             self.ref_params = ({"policy": self.frozen} if self.frozen is not None else
                                parallel.to_global(jax.device_get({"policy": self.policy.params}),
-                                                  parallel.replicated(self.mesh)))
+                                                  shard({"policy": self.policy.params})))
         self.update = TS.make_update(self.policy.config, self.lc, self.optimizer, self.mesh,
                                      self.state_sharding, lora_scale=self.lora_scale,
                                      frozen_sharding=self.frozen_sharding)
