@@ -196,7 +196,7 @@ def _axis_size(mesh_sizes: dict, axis) -> int:
     return math.prod(mesh_sizes.get(a, 1) for a in axes)
 
 
-def _fit(spec: tuple, shape: tuple[int, ...], mesh_sizes: dict) -> tuple[PS, list[str]]:
+def fit_spec(spec: tuple, shape: tuple[int, ...], mesh_sizes: dict) -> tuple[PS, list[str]]:
     """``spec`` as a PartitionSpec for ``shape``: dims not divisible by their axes replicate."""
     if len(spec) > len(shape):
         return PS(), [f"rule has {len(spec)} dims, array {len(shape)}"]
@@ -234,7 +234,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh_sizes: dict, mode: str = "f
         sizes[FSDP] = 1
     for pattern, spec in rules:
         if re.search(pattern, path):
-            ps, dropped = _fit(spec, shape, sizes)
+            ps, dropped = fit_spec(spec, shape, sizes)
             return ps, pattern + (f" ({'; '.join(dropped)})" if dropped else "")
     n = sizes.get(FSDP, 1)
     return (_largest_divisible(shape, n) if n > 1 else PS()), "fallback: largest divisible axis"
@@ -285,9 +285,35 @@ def shard_bytes(shape: tuple[int, ...], itemsize: int, spec: PS, mesh_sizes: dic
     return n * itemsize
 
 
-def logical_sharding(mesh: Mesh, spec: tuple) -> NamedSharding:
-    """A NamedSharding for a logical layout (:data:`KV_CACHE_SPEC`, :data:`ACTIVATION_SPECS`)."""
-    return NamedSharding(mesh, PS(*spec))
+def logical_sharding(mesh: Mesh, spec: tuple, shape: tuple[int, ...] | None = None
+                     ) -> NamedSharding:
+    """A NamedSharding for a logical layout (:data:`KV_CACHE_SPEC`, :data:`ACTIVATION_SPECS`);
+    with ``shape``, dims that do not divide by their axes replicate."""
+    if shape is None:
+        return NamedSharding(mesh, PS(*spec))
+    return NamedSharding(mesh, fit_spec(spec, shape, _mesh_sizes(mesh))[0])
+
+
+def constrain(x, mesh: Mesh | None, spec: tuple):
+    """``with_sharding_constraint`` to a logical layout inside jit (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, spec, tuple(x.shape)))
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) jax array as a numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def batch_or_replicated(mesh: Mesh, rows: int) -> NamedSharding:
+    """Rows split over the batch axes when they divide evenly, else replicated."""
+    return batch_sharding(mesh) if rows % batch_devices(mesh) == 0 else replicated(mesh)
 
 
 def to_global(tree: Any, shardings: Any) -> Any:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mr1 import parallel
 from mr1.models import transformer
 from mr1.models.config import ModelConfig
 from mr1.models.transformer import KVCache
@@ -35,6 +36,8 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
     num_samples: int = 1  # samples per prompt, sharing one prefill
     allowed_tokens: tuple[int, ...] = ()  # if set, every token is drawn from these ids only
+    mesh: Any = None  # a mr1.parallel mesh: rows split over its batch axes, KV heads over tp
+                      # (params keep their own sharding); None = one device
 
     def __post_init__(self):  # a hashable, sorted, duplicate-free tuple (the config is a cache key)
         object.__setattr__(self, "allowed_tokens",
@@ -155,17 +158,26 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
         raise ValueError(f"allowed_tokens {bad} are outside the vocabulary "
                          f"(0..{model_cfg.vocab_size - 1})")
 
+    mesh = cfg.mesh
+    kv_layout = lambda kv: KVCache(  # noqa: E731  (rows over the batch axes, kv heads over tp)
+        k=parallel.constrain(kv.k, mesh, parallel.KV_CACHE_SPEC),
+        v=parallel.constrain(kv.v, mesh, parallel.KV_CACHE_SPEC))
+
     def run(params, prompt_ids, prompt_mask, rng):
         b = prompt_ids.shape[0]
-        logits, prompt_kv = prefill(params, model_cfg, prompt_ids, prompt_mask)
+        # sharded rows: each device prefills its own rows in one call (chunking would map
+        # sequentially over the sharded axis)
+        logits, prompt_kv = prefill(params, model_cfg, prompt_ids, prompt_mask,
+                                    chunk=b if mesh is not None else PREFILL_CHUNK)
         # The prompt's keys/values stay one copy per prompt (a shared prefix the G samples
         # attend together); only the generated tokens get a per-sample cache.
-        prefix = KVCache(k=prompt_kv[0], v=prompt_kv[1])
+        prefix = kv_layout(KVCache(k=prompt_kv[0], v=prompt_kv[1]))
         prefix_mask = prompt_mask.astype(bool)
 
         rep = lambda x: jnp.repeat(x, g, axis=0) if g > 1 else x  # noqa: E731
         n = b * g
-        cache = KVCache.zeros(model_cfg, n, new, params["embed"].dtype)
+        cache = kv_layout(KVCache.zeros(model_cfg, n, new, transformer.activation_dtype(
+            model_cfg, params["embed"].dtype)))
         logits = rep(logits)
         next_pos = rep(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32))
         done = rep(jnp.sum(prompt_mask, axis=-1) == 0)  # batch-padding rows never sample
@@ -194,7 +206,8 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
                                              self_mask, st["cache"], st["key_valid"][:, None, :],
                                              prefix, prefix_mask)
             logits = transformer.logits_from_hidden(params, model_cfg, hidden[:, 0])
-            return dict(i=i + 1, rng=rng, logits=logits, cache=st["cache"].write(kv, i),
+            return dict(i=i + 1, rng=rng, logits=logits,
+                        cache=kv_layout(st["cache"].write(kv, i)),
                         key_valid=st["key_valid"].at[:, i].set(True),
                         pos=st["pos"] + 1, done=done, tokens=tokens, logprobs=logprobs,
                         lengths=lengths)
@@ -211,9 +224,17 @@ def sample_padded(policy, prompt_ids: np.ndarray, prompt_mask: np.ndarray, rng: 
     every batch to one length so nothing recompiles). Returns host ``(tokens, logprobs,
     lengths)`` with ``B * cfg.num_samples`` rows; ``params`` overrides ``policy.params``."""
     fn = _compiled_sampler(policy.config, cfg, policy.eos_token_ids, policy.pad_token_id)
-    out = fn(policy.params if params is None else params, jnp.asarray(prompt_ids, jnp.int32),
-             jnp.asarray(prompt_mask, jnp.int32), rng)
-    return tuple(np.asarray(x) for x in jax.device_get(out))
+    params = policy.params if params is None else params
+    if cfg.mesh is None:
+        out = fn(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+                 rng)
+        return tuple(np.asarray(x) for x in jax.device_get(out))
+    # sharded: every process passes the same host prompts; each fills its own rows
+    rows = parallel.batch_or_replicated(cfg.mesh, len(prompt_ids))
+    ids, mask = parallel.to_global((np.asarray(prompt_ids, np.int32),
+                                    np.asarray(prompt_mask, np.int32)), rows)
+    key = parallel.to_global(np.asarray(jax.device_get(rng)), parallel.replicated(cfg.mesh))
+    return tuple(parallel.to_host(x) for x in fn(params, ids, mask, key))
 
 
 def encode_prompts(policy, prompts: Sequence[str], chat: bool = True,

@@ -95,6 +95,8 @@ def get_config():
                                         # () = all devices on one axis, per param_sharding:
     c.parallel.param_sharding = "replicated"  # "replicated" (data) | "fsdp" (params sharded)
     c.parallel.remat = False            # recompute layer activations in the backward pass
+    c.parallel.shard_rollouts = False   # sample on the mesh (rows over data x fsdp); False =
+                                        # every process samples the whole batch on one device
 
     c.debug = ml_collections.ConfigDict()
     c.debug.nan_reward_steps = ()       # fault injection: steps whose rewards become NaN

@@ -41,6 +41,8 @@ class ModelConfig:
       max_position_embeddings: longest sequence (prompt + completion) the sampler accepts.
       bos_token_id / eos_token_ids / pad_token_id: special ids (the tokenizer may override).
       arch: family tag (``llama`` or ``qwen2``) used by weight loaders.
+      compute_dtype: activations' dtype (e.g. ``"bfloat16"`` with float32 master params:
+        matmuls run in it, log-probs stay float32); None = the params' dtype.
     """
 
     name: str
@@ -61,6 +63,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     arch: str = "llama"
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

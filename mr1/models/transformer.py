@@ -221,7 +221,7 @@ class Decoder(nn.Module):
         embed = self.param("embed", _dense_init(), (cfg.vocab_size, cfg.hidden_size))
         if not cfg.tie_embeddings:
             self.param("lm_head", _dense_init(), (cfg.hidden_size, cfg.vocab_size))
-        h = jnp.take(embed, tokens, axis=0)
+        h = jnp.take(embed, tokens, axis=0).astype(activation_dtype(cfg, embed.dtype))
         cos, sin = rope_tables(cfg, positions)
         # remat: only each layer's input is kept for the backward pass (L x [B, T, D]); the
         # block's attention scores and MLP activations are recomputed, layer by layer
@@ -238,6 +238,11 @@ class Decoder(nn.Module):
         h, new_kv = layers(h, layer_kv, cos, sin, mask, cache_mask, prefix_mask)
         h = RMSNorm(cfg.rms_norm_eps, name="final_norm")(h)
         return h, new_kv
+
+
+def activation_dtype(cfg: ModelConfig, param_dtype) -> jnp.dtype:
+    """The dtype activations (and the KV cache) use: ``cfg.compute_dtype`` or the params'."""
+    return jnp.dtype(cfg.compute_dtype) if cfg.compute_dtype else jnp.dtype(param_dtype)
 
 
 def init_params(cfg: ModelConfig, rng: Array, dtype=jnp.float32) -> dict:
@@ -284,7 +289,8 @@ def lm_head(params: dict, cfg: ModelConfig) -> Array:
 def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: Array) -> Array:
     """float32 logits ``[..., V]`` for hidden states ``[..., D]``."""
     w = lm_head(params, cfg)
-    return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w,
+    dt = activation_dtype(cfg, w.dtype)
+    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
                       preferred_element_type=jnp.float32)
 
 

@@ -58,14 +58,7 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def to_host(x) -> np.ndarray:
-    """A (possibly multi-process) jax array as a numpy array on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+to_host = parallel.to_host  # (kept importable from here)
 
 
 def load_policy_from_config(config):
@@ -159,11 +152,15 @@ class Trainer:
                                    lora_scale=self.lora_scale or 1.0)
         self.batch_sharding = parallel.batch_sharding(self.mesh, microbatched=True)
         allowed = tuple(getattr(self.task, "allowed_tokens", ()))  # constrained choices
+        # parallel.shard_rollouts: the sampler runs on the mesh (rows over the batch axes, the
+        # params as the state holds them); else on each process's local copy of the params
+        self.shard_rollouts = bool(c.parallel.get("shard_rollouts", False))
+        mesh = self.mesh if self.shard_rollouts else None
         self.rollout_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens,
                                           temperature=c.rollout.temperature,
-                                          num_samples=self.G, allowed_tokens=allowed)
+                                          num_samples=self.G, allowed_tokens=allowed, mesh=mesh)
         self.greedy_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens,
-                                         allowed_tokens=allowed)
+                                         allowed_tokens=allowed, mesh=mesh)
         self.nan_steps = set(c.debug.nan_reward_steps)
 
     def policy_params(self):
@@ -173,6 +170,12 @@ class Trainer:
             return self.state.params["policy"]
         return self._merge(self.state.params, self.frozen)
 
+    def sampler_params(self):
+        """The params rollouts and validation sample with: the sharded state's (sharded
+        rollouts) or a local single-device copy."""
+        params = self.policy_params()
+        return params if self.shard_rollouts else parallel.local_copy(params)
+
     # ---------------------------------------------------------------- rollout
     def rollout(self, step: int) -> tuple[dict, dict]:
         """Samples ``G`` completions for the step's prompts (the task scores them); returns
@@ -180,7 +183,7 @@ class Trainer:
         c = self.config
         idx = batch_indices(step, self.P, len(self.task), c.seed)
         key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
-        params = parallel.local_copy(self.policy_params())
+        params = self.sampler_params()
         arrays, metrics = self.task.rollout(self.policy, params, idx, key, self.rollout_cfg)
         if step in self.nan_steps:  # fault injection (tests): a NaN reward must skip the update
             arrays["rewards"] = np.full_like(arrays["rewards"], np.nan)
@@ -241,8 +244,7 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> dict:
         """The task's greedy validation metrics (``val_*``) under the current params."""
-        params = parallel.local_copy(self.policy_params())
-        return self.task.validate(self.policy, params, self.greedy_cfg)
+        return self.task.validate(self.policy, self.sampler_params(), self.greedy_cfg)
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
