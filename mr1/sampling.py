@@ -36,12 +36,14 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
     num_samples: int = 1  # samples per prompt, sharing one prefill
     allowed_tokens: tuple[int, ...] = ()  # if set, every token is drawn from these ids only
+    prefill_chunk: int = 0  # prompts prefilled together (per device); 0 = PREFILL_CHUNK
     mesh: Any = None  # a mr1.parallel mesh: rows split over its batch axes, KV heads over tp
                       # (params keep their own sharding); None = one device
 
     def __post_init__(self):  # a hashable, sorted, duplicate-free tuple (the config is a cache key)
         object.__setattr__(self, "allowed_tokens",
                            tuple(sorted({int(t) for t in self.allowed_tokens})))
+        object.__setattr__(self, "prefill_chunk", int(self.prefill_chunk) or PREFILL_CHUNK)
 
 
 @dataclasses.dataclass
@@ -124,12 +126,17 @@ def sample_token(rng, logits, cfg: SamplingConfig):
 PREFILL_CHUNK = 2
 
 
-def prefill(params, model_cfg: ModelConfig, prompt_ids, prompt_mask, chunk: int = PREFILL_CHUNK):
+def prefill(params, model_cfg: ModelConfig, prompt_ids, prompt_mask, chunk: int = PREFILL_CHUNK,
+            shards: int = 1):
     """Last-position logits ``[B, V]`` and prompt keys/values ``[L, B, K, T, hd]``.
 
-    Rows are processed ``chunk`` at a time with ``lax.map`` (one compiled body).
+    Rows are processed ``chunk`` at a time with ``lax.map`` (one compiled body). ``shards``:
+    the rows are split over that many devices in contiguous blocks (a sharded sampler); each
+    pass then takes ``chunk`` rows from every block, so the mapped axis is never the sharded one.
     """
     b, t = prompt_ids.shape
+    if shards > 1:
+        return _prefill_sharded(params, model_cfg, prompt_ids, prompt_mask, chunk, shards)
 
     def one(args):
         ids, mask = args
@@ -147,6 +154,31 @@ def prefill(params, model_cfg: ModelConfig, prompt_ids, prompt_mask, chunk: int 
     return logits.reshape(b, -1), (merge(k), merge(v))
 
 
+def _prefill_sharded(params, model_cfg, prompt_ids, prompt_mask, chunk, shards):
+    """:func:`prefill` for rows in ``shards`` contiguous blocks: pass i takes rows
+    ``[i*chunk, (i+1)*chunk)`` of every block (``[shards * chunk]`` rows, still split over the
+    devices), and the outputs are put back in row order."""
+    b, t = prompt_ids.shape
+    per = b // shards
+    if b % shards or per <= chunk or per % chunk:
+        return prefill(params, model_cfg, prompt_ids, prompt_mask, chunk=b)
+    n = per // chunk
+    to_passes = lambda x: x.reshape(shards, n, chunk, t).transpose(1, 0, 2, 3).reshape(  # noqa: E731
+        n, shards * chunk, t)
+    logits, (k, v) = jax.lax.map(
+        lambda a: prefill(params, model_cfg, a[0], a[1], chunk=shards * chunk),
+        (to_passes(prompt_ids), to_passes(prompt_mask)))
+
+    def rows_back(x, row_axis):  # [n, ..., shards*chunk (row_axis), ...] -> [..., b, ...]
+        x = jnp.moveaxis(x, 0, row_axis)  # n next to the row axis
+        shape = x.shape
+        x = x.reshape(*shape[:row_axis], n, shards, chunk, *shape[row_axis + 2:])
+        x = jnp.swapaxes(x, row_axis, row_axis + 1)  # (shards, n, chunk): the row order
+        return x.reshape(*shape[:row_axis], b, *shape[row_axis + 2:])
+
+    return rows_back(logits, 0), (rows_back(k, 1), rows_back(v, 1))
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tuple[int, ...],
                       pad_id: int):
@@ -159,16 +191,15 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
                          f"(0..{model_cfg.vocab_size - 1})")
 
     mesh = cfg.mesh
+    shards = 1 if mesh is None else parallel.batch_devices(mesh)
     kv_layout = lambda kv: KVCache(  # noqa: E731  (rows over the batch axes, kv heads over tp)
         k=parallel.constrain(kv.k, mesh, parallel.KV_CACHE_SPEC),
         v=parallel.constrain(kv.v, mesh, parallel.KV_CACHE_SPEC))
 
     def run(params, prompt_ids, prompt_mask, rng):
         b = prompt_ids.shape[0]
-        # sharded rows: each device prefills its own rows in one call (chunking would map
-        # sequentially over the sharded axis)
         logits, prompt_kv = prefill(params, model_cfg, prompt_ids, prompt_mask,
-                                    chunk=b if mesh is not None else PREFILL_CHUNK)
+                                    chunk=cfg.prefill_chunk, shards=shards)
         # The prompt's keys/values stay one copy per prompt (a shared prefix the G samples
         # attend together); only the generated tokens get a per-sample cache.
         prefix = kv_layout(KVCache(k=prompt_kv[0], v=prompt_kv[1]))

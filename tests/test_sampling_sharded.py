@@ -1,5 +1,7 @@
 """The sampler with rows sharded over a mesh (``SamplingConfig.mesh``) draws the same tokens as
-on one device: 8 fake CPU devices, data / fsdp / data-fsdp-tp meshes, greedy and T=1 sampling."""
+on one device: 8 fake CPU devices, data / fsdp / data-fsdp-tp meshes, greedy and T=1 sampling.
+16 prompts: 2 per device on the 8-way batch meshes (one prefill pass), 4 per device on the
+(2, 2, 2) mesh (two passes of 2: the strided sharded prefill)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ _SCRIPT = textwrap.dedent("""
     params = transformer.init_params(cfg, jax.random.PRNGKey(0))
     policy = Policy(config=cfg, params=params, tokenizer=None)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 250, int(n)).tolist() for n in rng.integers(3, 12, 8)]
+    prompts = [rng.integers(3, 250, int(n)).tolist() for n in rng.integers(3, 12, 16)]
     ids, mask = left_pad(prompts, cfg.pad_token_id, 16)
     key = jax.random.PRNGKey(3)
     out = {{}}
@@ -57,7 +59,7 @@ def test_sharded_sampler_matches_one_device():
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.split("RESULT", 1)[1])
     ref = out["1"]
-    assert np.asarray(ref["sampled"]["tokens"]).shape == (32, 6)
+    assert np.asarray(ref["sampled"]["tokens"]).shape == (64, 6)
     for name in ("data8", "fsdp8", "d2f2t2"):
         for kind in ("greedy", "sampled"):
             got, want = out[name][kind], ref[kind]

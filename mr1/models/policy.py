@@ -158,7 +158,10 @@ def load_policy(name_or_path: str = "smollm2-135m-instruct", *, dtype=jnp.float3
         params = transformer.init_params(cfg, jax.random.PRNGKey(seed), dtype)
         return Policy(cfg, params, tokenizer)
     if "/" in key or key.endswith(".gguf"):
-        raise FileNotFoundError(f"no such GGUF file or checkpoint folder: {key}")
+        raise FileNotFoundError(
+            f"no such GGUF file or checkpoint folder: {key}. For an HF model, download its "
+            "folder first (config.json, *.safetensors, tokenizer files; e.g. `huggingface-cli "
+            "download Qwen/Qwen2.5-7B-Instruct --local-dir DIR`) and pass --config.model=DIR")
     raise KeyError(f"unknown model {key!r}: not a file, not a folder and not a preset. "
                    f"Known presets: {preset_names()}; the embedded default is "
                    f"'smollm2-135m-instruct'.")

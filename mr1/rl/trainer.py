@@ -62,7 +62,10 @@ to_host = parallel.to_host  # (kept importable from here)
 
 
 def load_policy_from_config(config):
-    """The config's ``model`` (and optional ``tokenizer``) as a Policy."""
+    """The config's ``model`` (and optional ``tokenizer``, ``param_dtype``, ``compute_dtype``)
+    as a Policy."""
+    import jax.numpy as jnp
+
     from mr1.models import load_policy
     from mr1.models.policy import load_tokenizer_from_gguf
 
@@ -72,7 +75,12 @@ def load_policy_from_config(config):
         src = config.tokenizer
         path = assets.smollm2_gguf() if src == "embedded" else pathlib.Path(src)
         tokenizer = load_tokenizer_from_gguf(path)
-    return load_policy(config.model, tokenizer=tokenizer, seed=config.seed)
+    policy = load_policy(config.model, tokenizer=tokenizer, seed=config.seed,
+                         dtype=jnp.dtype(config.get("param_dtype", "float32")))
+    if config.get("compute_dtype", ""):
+        policy = dataclasses.replace(
+            policy, config=policy.config.replace(compute_dtype=config.compute_dtype))
+    return policy
 
 
 @dataclasses.dataclass
