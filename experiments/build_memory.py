@@ -3,7 +3,8 @@
     python experiments/build_memory.py --config=experiments/configs/evaluate_locomo_smollm2.py \
         --workdir=runs/locomo_smollm2
 
-Uses the ``memory`` section and the data selection of an evaluate config. Banks go to
+Uses the ``memory`` section and the data selection (``benchmark``, ``split``, subset limits) of
+an evaluate config. Banks go to
 ``<workdir>/memory/<sample_id>/`` (or ``config.memory.dir``): ``memory.json`` (texts, timestamps,
 build statistics incl. invalid ops by reason) + ``banks.npz`` (the bank tensors), written to a
 temporary folder, renamed into place, then marked ``DONE``. A rerun skips conversations that
@@ -27,7 +28,7 @@ from mr1.agents.pipeline import (
     build_all,
     claim_memory_dir,
     manager_identity,
-    select_locomo,
+    select_conversations,
 )
 from mr1.memory.embedder import load_embedder
 from mr1.parallel import maybe_initialize_distributed
@@ -46,7 +47,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     directory = pathlib.Path(config.memory.dir or pathlib.Path(workdir) / "memory")
     claim_memory_dir(directory, manager_identity(config))
     cfg = PipelineConfig.from_mapping(config.memory)
-    convs = [c for c, _ in select_locomo(config)]
+    convs = [c for c, _ in select_conversations(config)]   # config.benchmark's data
     if policy is None:   # its tokenizer also fills the bank tensors, as evaluate.py does
         from mr1.models import load_policy
         policy = load_policy(config.model)

@@ -1,7 +1,17 @@
-"""Evaluates an answering method on LoCoMo: per-question JSONL and a per-category table.
+"""Evaluates an answering method on LoCoMo, LongMemEval or MSC: per-question JSONL and a
+per-category table.
 
     python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_subset.py \
         --workdir=/tmp/mr1_eval
+
+``config.benchmark`` (absent = "locomo") picks the data (mr1.agents.pipeline.BENCHMARKS):
+``locomo`` (``config.split`` of Memory-R1's 1:1:8 split), ``longmemeval``
+(``config.longmemeval_variant`` "oracle" | "s"; one haystack per question, table rows by
+question type, and results.json's ``abstention`` block scores the ``_abs`` questions apart) or
+``msc`` (MSC-Self-Instruct). The paper evaluates LongMemEval and MSC zero-shot with the
+LoCoMo-trained agents: pass the LoCoMo runs' ``checkpoint`` / ``memory.manager_checkpoint``
+to ``evaluate_longmemeval_smollm2.py`` / ``evaluate_msc_smollm2.py``. ``f1_locomo`` applies
+LoCoMo's per-category rules on LoCoMo only (plain stemmed F1 elsewhere).
 
 Methods (``config.method``): ``memory`` (per-speaker banks built by mr1.agents.pipeline --
 resumed from ``<workdir>/memory`` or ``config.memory.dir`` -- then the Answer Agent with
@@ -44,11 +54,14 @@ from mr1.agents.answer import AnswerAgent, full_context_prompts, rag_prompts
 from mr1.agents.pipeline import (
     MemoryBuilder,
     PipelineConfig,
+    benchmark_categories,
+    benchmark_name,
     build_all,
     claim_memory_dir,
     manager_identity,
-    select_locomo,
+    select_conversations,
 )
+from mr1.data.longmemeval import is_abstention
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
 from mr1.memory.embedder import load_embedder
@@ -62,7 +75,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mr1_evaluate", "output directory
 METHODS = ("memory", "rag", "full_context")
 ROW_KEYS = ("question_id", "conv_id", "question", "gold", "prediction", "category", "f1",
             "bleu1", "em", "f1_locomo", "j", "answer_line_missing", "num_invalid_ops",
-            "num_distilled", "output")
+            "num_distilled", "output")   # + "abstention" (bool) on LongMemEval
 
 
 def memory_dir(config, workdir) -> pathlib.Path:
@@ -120,16 +133,41 @@ def _ops_note(ops: dict) -> str:
             f"{ops['manager_calls']} manager calls (invalid rate {rate})\n")
 
 
+def _data_label(config, benchmark: str) -> str:
+    """"locomo/test", "longmemeval/oracle", "msc": what was evaluated, for logs and notes."""
+    if benchmark == "locomo":
+        return f"locomo/{config.split}"
+    if benchmark == "longmemeval":
+        return f"longmemeval/{config.get('longmemeval_variant') or 'oracle'}"
+    return benchmark
+
+
+def _abstention_note(abstention: dict) -> str:
+    """One results.md line: LongMemEval's abstention and other questions, F1 apart."""
+    def part(name):
+        s = abstention[name]
+        return f"{s['n']} {name.replace('_', '-')} (F1 " + (
+            "n/a" if s["f1"] is None else f"{s['f1']:.2f}") + ")"
+    return f"LongMemEval: {part('abstention')}, {part('non_abstention')}\n"
+
+
 def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=print) -> dict:
     """Runs one evaluation; returns ``{"rows", "table", "markdown", "paths", "wall_s"}``."""
     t0 = time.time()
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    selected = select_locomo(config)
+    benchmark = benchmark_name(config)
+    selected = select_conversations(config)
     n_q = sum(len(q) for _, q in selected)
-    log(f"{config.split}: {len(selected)} conversations, {n_q} questions, method {config.method}")
+    log(f"{_data_label(config, benchmark)}: {len(selected)} conversations, {n_q} questions, "
+        f"method {config.method}")
+    if (config.method == "memory" and config.memory.facts == "observations" and selected
+            and not any(c.observations for c, _ in selected)):
+        raise ValueError(f"memory.facts='observations' but the selected {benchmark} "
+                         "conversations have no observations (only LoCoMo and MSC ship them); "
+                         "set --config.memory.facts=llm")
+    workdir.mkdir(parents=True, exist_ok=True)
     embedder = embedder or load_embedder()
     base = policy or load_policy(config.model)
     policy = _trained_policy(base, config.get("checkpoint", ""), log)  # the Answer Agent's
@@ -167,10 +205,14 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
                          "question": qa.question, "gold": qa.answer, "prediction": res.answer,
                          "category": qa.category, "f1": s["f1"], "bleu1": s["bleu1"],
                          "em": s["em"],
-                         "f1_locomo": M.locomo_score(res.answer, qa.answer, qa.category),
+                         "f1_locomo": (M.locomo_score(res.answer, qa.answer, qa.category)
+                                       if benchmark == "locomo"
+                                       else M.f1_locomo(res.answer, qa.answer)),
                          "j": None, "answer_line_missing": res.answer_line_missing,
                          "num_invalid_ops": invalid, "num_distilled": len(res.distilled),
                          "output": res.output})
+            if benchmark == "longmemeval":
+                rows[-1]["abstention"] = is_abstention(qa)
         log(f"{conv.sample_id}: {len(qas)} answered ({time.time() - t_answer:.0f} s so far)")
 
     judge = load_judge() if config.judge else None
@@ -178,14 +220,22 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     for r, j in zip(rows, js):
         r["j"] = j
 
-    table = M.aggregate_by_category(rows, metrics=("f1", "bleu1", "j"))
+    names = benchmark_categories(benchmark)
+    table = M.aggregate_by_category(rows, metrics=("f1", "bleu1", "j"), names=names)
     markdown = M.format_markdown(table)
+    abstention = None
+    if benchmark == "longmemeval":   # LongMemEval reports abstention apart from the types
+        abstention = {k: M.aggregate_by_category(
+            [r for r in rows if r["abstention"] == want], metrics=("f1", "bleu1", "j"),
+            names=names)["overall"] for k, want in (("abstention", True),
+                                                    ("non_abstention", False))}
     missing = sum(r["answer_line_missing"] for r in rows)
     wall = time.time() - t0
-    notes = (f"\nmethod {config.method}, model {config.model}, split {config.split}, "
-             f"{len(rows)} questions; answer line missing: {missing}/{len(rows)}; "
+    notes = (f"\nbenchmark {_data_label(config, benchmark)}, method {config.method}, model "
+             f"{config.model}, {len(rows)} questions; answer line missing: {missing}/{len(rows)}; "
              f"J: {'judge' if judge else 'not computed (no judge configured)'}; "
-             f"wall time {wall:.1f} s\n") + (_ops_note(ops) if ops else "")
+             f"wall time {wall:.1f} s\n") + (_ops_note(ops) if ops else "") + (
+        _abstention_note(abstention) if abstention else "")
     paths = {"jsonl": workdir / "predictions.jsonl", "markdown": workdir / "results.md",
              "json": workdir / "results.json"}
     with open(paths["jsonl"], "w") as fh:
@@ -193,10 +243,13 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
             fh.write(json.dumps(r) + "\n")
     paths["markdown"].write_text(markdown + notes)
     paths["json"].write_text(json.dumps(
-        {"table": table, "method": config.method, "model": config.model,
+        {"table": table, "benchmark": benchmark,
+         "longmemeval_variant": (config.get("longmemeval_variant") or "oracle"
+                                 if benchmark == "longmemeval" else None),
+         "abstention": abstention, "method": config.method, "model": config.model,
          "checkpoint": config.get("checkpoint", ""),
          "manager_checkpoint": config.memory.get("manager_checkpoint", ""),
-         "split": config.split, "memory_ops": ops,
+         "split": config.split if benchmark == "locomo" else None, "memory_ops": ops,
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,
          "config": json.loads(config.to_json())}, indent=2))

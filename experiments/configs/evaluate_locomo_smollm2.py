@@ -18,9 +18,12 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.model = "smollm2-135m-instruct"   # load_policy name / GGUF path / HF folder
     c.checkpoint = ""                   # RL run: <workdir>/best or <workdir>/checkpoints
-    c.data_path = ""                    # locomo10.json; "" = $MR1_DATA_DIR or the cache
-    c.split = "test"                    # "train" | "validation" | "test" (Memory-R1 1:1:8)
-    c.max_conversations = 0             # first N conversations of the split (0 = all)
+    c.benchmark = "locomo"              # "locomo" | "longmemeval" | "msc" (pipeline.BENCHMARKS)
+    c.data_path = ""                    # the benchmark's file; "" = $MR1_DATA_DIR or the cache
+    c.split = "test"                    # LoCoMo only: "train" | "validation" | "test" (1:1:8)
+    c.longmemeval_variant = "oracle"    # LongMemEval only: "oracle" | "s"
+    c.max_conversations = 0             # N conversations of the split (0 = all)
+    c.conversation_sampling = "first"   # "first" | "random" (seeded) choice of those N
     c.max_questions_per_conversation = 0  # questions kept per conversation (0 = all)
     c.max_questions = 0                 # cap on questions in total (0 = no cap)
     c.question_sampling = "first"       # "first" | "random" (seeded) choice of the kept QAs
