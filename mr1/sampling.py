@@ -37,6 +37,8 @@ class SamplingConfig:
     num_samples: int = 1  # samples per prompt, sharing one prefill
     allowed_tokens: tuple[int, ...] = ()  # if set, every token is drawn from these ids only
     prefill_chunk: int = 0  # prompts prefilled together (per device); 0 = PREFILL_CHUNK
+    prompts_per_call: int = 0  # sample_padded: at most this many prompts per sampler call
+                               # (KV-cache memory; rows keyed by fold_in(rng, call)); 0 = all
     mesh: Any = None  # a mr1.parallel mesh: rows split over its batch axes, KV heads over tp
                       # (params keep their own sharding); None = one device
 
@@ -254,6 +256,16 @@ def sample_padded(policy, prompt_ids: np.ndarray, prompt_mask: np.ndarray, rng: 
     """Samples from already left-padded ``[B, T]`` prompts (shapes kept exactly: trainers pad
     every batch to one length so nothing recompiles). Returns host ``(tokens, logprobs,
     lengths)`` with ``B * cfg.num_samples`` rows; ``params`` overrides ``policy.params``."""
+    per_call = cfg.prompts_per_call
+    if per_call and len(prompt_ids) > per_call:
+        if len(prompt_ids) % per_call:
+            raise ValueError(f"{len(prompt_ids)} prompts do not split into calls of "
+                             f"{per_call} (SamplingConfig.prompts_per_call)")
+        one = dataclasses.replace(cfg, prompts_per_call=0)
+        parts = [sample_padded(policy, prompt_ids[s:s + per_call], prompt_mask[s:s + per_call],
+                               jax.random.fold_in(rng, s // per_call), one, params=params)
+                 for s in range(0, len(prompt_ids), per_call)]
+        return tuple(np.concatenate(x) for x in zip(*parts))
     fn = _compiled_sampler(policy.config, cfg, policy.eos_token_ids, policy.pad_token_id)
     params = policy.params if params is None else params
     if cfg.mesh is None:

@@ -45,6 +45,7 @@ def get_config():
     c.rollout.group_size = 8            # G samples per question (MemFactory: 8)
     c.rollout.temperature = 1.0         # rollouts sample at T=1 (paper)
     c.rollout.microbatch_prompts = 2    # questions per gradient micro-batch (memory knob)
+    c.rollout.prompts_per_call = 0      # questions per sampler call (KV-cache memory; 0 = all)
 
     c.reward = ml_collections.ConfigDict()  # weights of mr1.rl.rewards terms
     c.reward.em = 1.0                   # exact match (the paper's reward)
@@ -95,6 +96,8 @@ def get_config():
                                         # () = all devices on one axis, per param_sharding:
     c.parallel.param_sharding = "replicated"  # "replicated" (data) | "fsdp" (params sharded)
     c.parallel.remat = False            # recompute layer activations in the backward pass
+    c.parallel.attention_chunk = 0      # > 0: memory-efficient attention over query blocks
+    c.parallel.logit_chunk = 0          # > 0: log-probs over blocks of completion positions
     c.parallel.shard_rollouts = False   # sample on the mesh (rows over data x fsdp); False =
                                         # every process samples the whole batch on one device
 

@@ -43,6 +43,9 @@ class ModelConfig:
       arch: family tag (``llama`` or ``qwen2``) used by weight loaders.
       compute_dtype: activations' dtype (e.g. ``"bfloat16"`` with float32 master params:
         matmuls run in it, log-probs stay float32); None = the params' dtype.
+      attention_chunk: > 0: attention over query blocks of this many positions (sequences
+        longer than it and divisible by it), each rematerialised: memory-efficient attention
+        for long training sequences. 0 = one block.
     """
 
     name: str
@@ -64,6 +67,7 @@ class ModelConfig:
     pad_token_id: int = 0
     arch: str = "llama"
     compute_dtype: str | None = None
+    attention_chunk: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -138,32 +138,51 @@ class Block(nn.Module):
             v = v + p("bv", (nk * hd,), nn.initializers.zeros).astype(x.dtype)
         # head-major: q [B, K, G*T, hd] (a group's query rows share one matmul), k/v [B, K, T, hd]
         q = apply_rope(q.reshape(b, t, nh, hd), cos, sin)
-        q = q.reshape(b, t, nk, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, nk, g * t, hd)
         k = apply_rope(k.reshape(b, t, nk, hd), cos, sin).transpose(0, 2, 1, 3)
         v = v.reshape(b, t, nk, hd).transpose(0, 2, 1, 3)
-
-        def scores(keys, key_mask):
-            s = jnp.einsum("bkqd,bksd->bkqs", q, keys.astype(q.dtype),
-                           preferred_element_type=jnp.float32) * (hd ** -0.5)
-            s = s.reshape(b, nk, g, t, -1)
-            return jnp.where(key_mask[:, None, None, :, :], s, _NEG_INF)
-
-        # Key segments: [shared prefix], [cache], this call's keys; one softmax over all.
         prefix_kv, cache_kv = layer_kv
-        segments = []  # (scores [B, K, G, T, S_i], values-apply function)
-        if prefix_kv is not None:
-            segments.append(_prefix_segment(q, prefix_kv, prefix_mask, b, nk, g, t, hd))
-        if cache_kv is not None:
-            ck, cv = cache_kv
-            segments.append((scores(ck, cache_mask), _values(cv, b, nk, g, t)))
-        segments.append((scores(k, mask), _values(v, b, nk, g, t)))
-        widths = [sc.shape[-1] for sc, _ in segments]
-        probs = jax.nn.softmax(jnp.concatenate([sc for sc, _ in segments], axis=-1), axis=-1)
-        attn, start = 0.0, 0
-        for (_, apply_values), width in zip(segments, widths):
-            attn = attn + apply_values(probs[..., start:start + width].astype(v.dtype))
-            start += width
-        attn = attn.reshape(b, nk, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd)
+
+        def attend(q_rows, mask_rows, cache_mask_rows):
+            """Attention of ``tq`` query positions ``[B, tq, H, hd]`` over every key segment."""
+            tq = q_rows.shape[1]
+            qh = q_rows.reshape(b, tq, nk, g, hd).transpose(0, 2, 3, 1, 4).reshape(
+                b, nk, g * tq, hd)
+
+            def scores(keys, key_mask):
+                sc = jnp.einsum("bkqd,bksd->bkqs", qh, keys.astype(qh.dtype),
+                                preferred_element_type=jnp.float32) * (hd ** -0.5)
+                sc = sc.reshape(b, nk, g, tq, -1)
+                return jnp.where(key_mask[:, None, None, :, :], sc, _NEG_INF)
+
+            # Key segments: [shared prefix], [cache], this call's keys; one softmax over all.
+            segments = []  # (scores [B, K, G, tq, S_i], values-apply function)
+            if prefix_kv is not None:
+                segments.append(_prefix_segment(qh, prefix_kv, prefix_mask, b, nk, g, tq, hd))
+            if cache_kv is not None:
+                ck, cv = cache_kv
+                segments.append((scores(ck, cache_mask_rows), _values(cv, b, nk, g, tq)))
+            segments.append((scores(k, mask_rows), _values(v, b, nk, g, tq)))
+            widths = [sc.shape[-1] for sc, _ in segments]
+            probs = jax.nn.softmax(jnp.concatenate([sc for sc, _ in segments], axis=-1), axis=-1)
+            out, start = 0.0, 0
+            for (_, apply_values), width in zip(segments, widths):
+                out = out + apply_values(probs[..., start:start + width].astype(v.dtype))
+                start += width
+            return out.reshape(b, nk, g, tq, hd).transpose(0, 3, 1, 2, 4).reshape(
+                b, tq, nh * hd)
+
+        c = cfg.attention_chunk
+        if c and t > c and t % c == 0:
+            # memory-efficient attention: query blocks of c positions one at a time, each
+            # recomputed in the backward pass, so scores are [B, H, c, S] instead of [B, H, T, S]
+            n = t // c
+            blocks = lambda x: None if x is None else jnp.moveaxis(  # noqa: E731
+                x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+            out = jax.lax.map(jax.checkpoint(lambda a: attend(*a)),
+                              (blocks(q), blocks(mask), blocks(cache_mask)))
+            attn = jnp.moveaxis(out, 0, 1).reshape(b, t, nh * hd)
+        else:
+            attn = attend(q, mask, cache_mask)
         h = h + (attn.astype(h.dtype) @ p("wo", (nh * hd, d)).astype(h.dtype))
 
         x = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(h)

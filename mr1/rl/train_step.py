@@ -103,7 +103,8 @@ class LossConfig:
     vf_coef: float = 0.5
     vf_clip: float = 0.2
     max_grad_norm: float = 1.0
-    remat: bool = False  # a memory knob, not a loss term: rematerialise each layer (backward)
+    remat: bool = False  # memory knobs, not loss terms: rematerialise each layer (backward);
+    logit_chunk: int = 0  # LM head / log-probs over blocks of this many positions (0 = all)
 
     @classmethod
     def from_mapping(cls, m) -> "LossConfig":
@@ -131,7 +132,8 @@ def init_value_head(cfg: ModelConfig) -> dict:
 
 def score_completions(params: dict, cfg: ModelConfig, prompt_ids, prompt_mask, tokens,
                       completion_mask, *, value_head: dict | None = None,
-                      with_entropy: bool = False, remat: bool = False) -> dict[str, jax.Array]:
+                      with_entropy: bool = False, remat: bool = False,
+                      logit_chunk: int = 0) -> dict[str, jax.Array]:
     """Per-token log-probs (and values / entropies) of completions under ``params``.
 
     Args:
@@ -141,6 +143,9 @@ def score_completions(params: dict, cfg: ModelConfig, prompt_ids, prompt_mask, t
       value_head: optional ``{"w", "b"}`` applied to stop-gradient hidden states.
       with_entropy: also return token entropies (costs a softmax over the vocabulary).
       remat: rematerialise each decoder layer in the backward pass (activation memory).
+      logit_chunk: > 0: the LM head, log-probs and entropies over blocks of this many
+        completion positions, each recomputed in the backward pass, so the float32
+        ``[rows, T_c, V]`` logits never exist at once (``T_c`` divisible by it).
 
     Returns:
       ``{"logp": [P*G, T_c]}`` float32, plus ``"values"`` and ``"entropy"`` when asked.
@@ -162,14 +167,30 @@ def score_completions(params: dict, cfg: ModelConfig, prompt_ids, prompt_mask, t
                                       prefix=prefix, prefix_mask=pm.astype(bool), remat=remat)
     # token t is predicted from the hidden state before it: the prompt's last for t = 0
     h = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], g, axis=0), hidden_c[:, :-1]], axis=1)
-    logits = transformer.logits_from_hidden(params, cfg, h)
-    out = {"logp": L.token_logprobs(logits, tokens)}
-    if with_entropy:
-        out["entropy"] = L.entropy_from_logits(logits, cm)
+    out = _token_stats(params, cfg, h, tokens, cm, with_entropy, logit_chunk)
     if value_head is not None:
         hs = jax.lax.stop_gradient(h).astype(jnp.float32)
         out["values"] = hs @ value_head["w"] + value_head["b"]
     return out
+
+
+def _token_stats(params, cfg, h, tokens, cm, with_entropy: bool, chunk: int) -> dict:
+    """Log-probs (and entropies) of ``tokens`` from hidden states ``h [B, T, D]``."""
+    def stats(hc, tc, mc):
+        logits = transformer.logits_from_hidden(params, cfg, hc)
+        out = {"logp": L.token_logprobs(logits, tc)}
+        if with_entropy:
+            out["entropy"] = L.entropy_from_logits(logits, mc)
+        return out
+
+    b, t = tokens.shape
+    if not chunk or t <= chunk or t % chunk:
+        return stats(h, tokens, cm)
+    n = t // chunk
+    blocks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    out = jax.lax.map(jax.checkpoint(lambda a: stats(*a)), (blocks(h), blocks(tokens),
+                                                            blocks(cm)))
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(b, t), out)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -264,7 +285,8 @@ def update_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc:
         scored = score_completions(policy_params(params, frozen, lora_scale), cfg,
                                    mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.completion_mask,
                                    value_head=params.get("value_head"),
-                                   with_entropy=lc.entropy_coef > 0, remat=lc.remat)
+                                   with_entropy=lc.entropy_coef > 0, remat=lc.remat,
+                                   logit_chunk=lc.logit_chunk)
         loss, aux = objective(scored, mb, lc)
         w = _agg_count(mb.completion_mask, lc.agg) / total
         return loss * w, {k: v * w for k, v in aux.items()}

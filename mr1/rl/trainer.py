@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from mr1 import parallel
+from mr1.models import transformer
 from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import advantages as A
 from mr1.rl import train_step as TS
@@ -77,9 +78,11 @@ def load_policy_from_config(config):
         tokenizer = load_tokenizer_from_gguf(path)
     policy = load_policy(config.model, tokenizer=tokenizer, seed=config.seed,
                          dtype=jnp.dtype(config.get("param_dtype", "float32")))
-    if config.get("compute_dtype", ""):
-        policy = dataclasses.replace(
-            policy, config=policy.config.replace(compute_dtype=config.compute_dtype))
+    changes = {k: config[k] for k in ("compute_dtype",) if config.get(k, "")}
+    if (config.get("parallel") or {}).get("attention_chunk", 0):
+        changes["attention_chunk"] = int(config.parallel.attention_chunk)
+    if changes:  # execution knobs of the model config (same weights)
+        policy = dataclasses.replace(policy, config=policy.config.replace(**changes))
     return policy
 
 
@@ -107,8 +110,9 @@ class Trainer:
                              f"{mb} prompts, each divisible by the {n_dev} devices the batch is "
                              f"split over (mesh {parallel.mesh_shape(self.mesh)})")
         self.mb = mb
-        self.lc = TS.LossConfig.from_mapping({**c.loss, "objective": self.algo,
-                                              "remat": c.parallel.get("remat", False)})
+        self.lc = TS.LossConfig.from_mapping({
+            **c.loss, "objective": self.algo, "remat": c.parallel.get("remat", False),
+            "logit_chunk": c.parallel.get("logit_chunk", 0)})
         lora_cfg, rank = c.get("lora") or {}, lora_rank(c)
         # LoRA: train adapters on a frozen base (None: full fine-tuning)
         self.lora_scale = lora_scale(lora_cfg["alpha"], rank) if rank > 0 else None
@@ -149,10 +153,12 @@ class Trainer:
                      f"{', '.join(lora_cfg['targets'])}: {n_lora:,} trainable parameters "
                      f"({100 * n_lora / n_base:.2f}% of {n_base:,})")
         self.ref_params = None
-        if self.lc.kl_beta > 0:  # frozen reference = the initial policy (the LoRA base)
+        if self.lc.kl_beta > 0:  # frozen reference = the initial policy (the LoRA base),
+            # kept in the compute dtype (a bfloat16 copy under float32 master weights)
+            ref = jax.tree.map(lambda x: np.asarray(x).astype(transformer.activation_dtype(
+                self.policy.config, x.dtype)), jax.device_get({"policy": self.policy.params}))
             self.ref_params = ({"policy": self.frozen} if self.frozen is not None else
-                               parallel.to_global(jax.device_get({"policy": self.policy.params}),
-                                                  shard({"policy": self.policy.params})))
+                               parallel.to_global(ref, shard(ref)))
         self.update = TS.make_update(self.policy.config, self.lc, self.optimizer, self.mesh,
                                      self.state_sharding, lora_scale=self.lora_scale,
                                      frozen_sharding=self.frozen_sharding)
@@ -166,7 +172,8 @@ class Trainer:
         mesh = self.mesh if self.shard_rollouts else None
         self.rollout_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens,
                                           temperature=c.rollout.temperature,
-                                          num_samples=self.G, allowed_tokens=allowed, mesh=mesh)
+                                          num_samples=self.G, allowed_tokens=allowed, mesh=mesh,
+                                          prompts_per_call=c.rollout.get("prompts_per_call", 0))
         self.greedy_cfg = SamplingConfig(max_new_tokens=self.task.max_new_tokens,
                                          allowed_tokens=allowed, mesh=mesh)
         self.nan_steps = set(c.debug.nan_reward_steps)
