@@ -49,8 +49,8 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     cfg = PipelineConfig.from_mapping(config.memory)
     convs = [c for c, _ in select_conversations(config)]   # config.benchmark's data
     if policy is None:   # its tokenizer also fills the bank tensors, as evaluate.py does
-        from mr1.models import load_policy
-        policy = load_policy(config.model)
+        from mr1.rl.trainer import load_policy_from_config
+        policy = load_policy_from_config(config)
     builder = MemoryBuilder(cfg, embedder or load_embedder(), policy, generate_fn=generate_fn)
     mems = build_all(builder, convs, directory, progress=config.progress, log=log)
     stats = {k: m.stats.to_dict() for k, m in mems.items()}

@@ -65,7 +65,7 @@ from mr1.data.longmemeval import is_abstention
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
 from mr1.memory.embedder import load_embedder
-from mr1.models import load_policy
+from mr1.rl.trainer import load_policy_from_config
 from mr1.parallel import maybe_initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
@@ -169,7 +169,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
                          "set --config.memory.facts=llm")
     workdir.mkdir(parents=True, exist_ok=True)
     embedder = embedder or load_embedder()
-    base = policy or load_policy(config.model)
+    base = policy or load_policy_from_config(config)  # model, dtypes, attention chunk
     policy = _trained_policy(base, config.get("checkpoint", ""), log)  # the Answer Agent's
     agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k,
                         max_new_tokens=config.answer.max_new_tokens,

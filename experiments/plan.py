@@ -113,6 +113,9 @@ def main(argv):
         if info["xla_memory_gib"]:
             print("  XLA memory analysis (GiB / device): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in info["xla_memory_gib"].items()))
+            if info["platform"] == "cpu":
+                print("  (the CPU backend widens bfloat16 arrays to float32 and schedules for "
+                      "CPU: run --compile on the target accelerator for its own figure)")
     if _JSON.value:
         pathlib.Path(_JSON.value).write_text(json.dumps(_plan_dict(plan, info), indent=2))
 

@@ -294,6 +294,36 @@ def logical_sharding(mesh: Mesh, spec: tuple, shape: tuple[int, ...] | None = No
     return NamedSharding(mesh, fit_spec(spec, shape, _mesh_sizes(mesh))[0])
 
 
+_ACTIVATION_MESH: list[Mesh] = []  # the innermost activation_mesh() context
+
+
+class activation_mesh:  # noqa: N801  (a context manager, used like a function)
+    """While tracing inside ``with activation_mesh(mesh):``, :func:`constrain_activation` pins
+    activations to their :data:`ACTIVATION_SPECS` layout on ``mesh`` (``None``: no-op).
+
+    Without these constraints XLA's sharding propagation may follow the FSDP-sharded weights
+    and replicate the batch (every device computing every row); the jitted update, scoring and
+    the sharded sampler trace under it.
+    """
+
+    def __init__(self, mesh: Mesh | None):
+        self.mesh = mesh
+
+    def __enter__(self):
+        _ACTIVATION_MESH.append(self.mesh)
+        return self.mesh
+
+    def __exit__(self, *exc):
+        _ACTIVATION_MESH.pop()
+        return False
+
+
+def constrain_activation(x, name: str):
+    """``x`` pinned to ``ACTIVATION_SPECS[name]`` under :class:`activation_mesh` (else ``x``)."""
+    mesh = _ACTIVATION_MESH[-1] if _ACTIVATION_MESH else None
+    return constrain(x, mesh, ACTIVATION_SPECS[name])
+
+
 def constrain(x, mesh: Mesh | None, spec: tuple):
     """``with_sharding_constraint`` to a logical layout inside jit (no-op without a mesh)."""
     if mesh is None:

@@ -337,6 +337,33 @@ def abstract_sampler(config, mesh, *, prompt_tokens: int | None = None,
     return compiled, time.time() - t0
 
 
+def program_key(config, mesh_shape: parallel.MeshShape) -> str:
+    """Configs with equal keys compile to the same program (e.g. the Answer Agent and Memory
+    Manager configs of one backbone and algorithm: same model, batch and lengths)."""
+    import json
+
+    cfg = model_config(config)
+    plan_cfg = config.get("plan") or {}
+    key = {"model": dataclasses.asdict(cfg), "mesh": mesh_shape.as_tuple(),
+           "param_dtype": config.get("param_dtype", "float32"),
+           "prompt": int(plan_cfg.get("prompt_tokens", 1024)),
+           "response": int(plan_cfg.get("response_tokens", config.answer.max_new_tokens))}
+    if is_train_config(config):
+        key.update(algo=config.algo, loss=config.loss.to_dict(), optim=config.optim.to_dict(),
+                   lora=(config.get("lora") or {}) and config.lora.to_dict(),
+                   rollout=[config.rollout.prompts_per_step, config.rollout.group_size,
+                            config.rollout.microbatch_prompts],
+                   parallel={k: config.parallel.get(k, 0) for k in ("remat", "logit_chunk")})
+    else:
+        key.update(batch=config.answer.batch_size)
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def compile_config(config, mesh):
+    """:func:`abstract_update` for training configs, :func:`abstract_sampler` otherwise."""
+    return (abstract_update if is_train_config(config) else abstract_sampler)(config, mesh)
+
+
 def compiled_memory(compiled) -> dict[str, float] | None:
     """XLA's per-device memory analysis of a compiled program (GiB), where the backend has it."""
     try:
@@ -356,4 +383,5 @@ def fake_device_flags(num_devices: int) -> str:
 
 
 __all__ = ["ACCELERATORS", "Plan", "make_plan", "abstract_update", "abstract_sampler",
-           "compiled_memory", "fake_device_flags", "model_config", "is_train_config"]
+           "compiled_memory", "fake_device_flags", "model_config", "is_train_config",
+           "program_key", "compile_config"]

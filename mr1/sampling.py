@@ -199,6 +199,10 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
         v=parallel.constrain(kv.v, mesh, parallel.KV_CACHE_SPEC))
 
     def run(params, prompt_ids, prompt_mask, rng):
+        with parallel.activation_mesh(mesh):  # rows stay split over the batch axes
+            return _run(params, prompt_ids, prompt_mask, rng)
+
+    def _run(params, prompt_ids, prompt_mask, rng):
         b = prompt_ids.shape[0]
         logits, prompt_kv = prefill(params, model_cfg, prompt_ids, prompt_mask,
                                     chunk=cfg.prefill_chunk, shards=shards)

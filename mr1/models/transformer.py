@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mr1.models.config import ModelConfig
+from mr1.parallel import constrain_activation
 
 Array = jax.Array
 _NEG_INF = -1e30  # finite: fully-masked rows (left padding) give uniform, not NaN, attention
@@ -185,11 +186,13 @@ class Block(nn.Module):
             attn = attend(q, mask, cache_mask)
         h = h + (attn.astype(h.dtype) @ p("wo", (nh * hd, d)).astype(h.dtype))
 
+        h = constrain_activation(h, "hidden")
         x = RMSNorm(cfg.rms_norm_eps, name="mlp_norm")(h)
         gate = x @ p("w_gate", (d, cfg.intermediate_size)).astype(x.dtype)
         up = x @ p("w_up", (d, cfg.intermediate_size)).astype(x.dtype)
-        h = h + (jax.nn.silu(gate) * up) @ p("w_down", (cfg.intermediate_size, d)).astype(x.dtype)
-        return h, (k, v)
+        act = constrain_activation(jax.nn.silu(gate) * up, "mlp")
+        h = h + act @ p("w_down", (cfg.intermediate_size, d)).astype(x.dtype)
+        return constrain_activation(h, "hidden"), (k, v)
 
 
 def _values(v, b, nk, g, t):
@@ -241,6 +244,7 @@ class Decoder(nn.Module):
         if not cfg.tie_embeddings:
             self.param("lm_head", _dense_init(), (cfg.hidden_size, cfg.vocab_size))
         h = jnp.take(embed, tokens, axis=0).astype(activation_dtype(cfg, embed.dtype))
+        h = constrain_activation(h, "hidden")
         cos, sin = rope_tables(cfg, positions)
         # remat: only each layer's input is kept for the backward pass (L x [B, T, D]); the
         # block's attention scores and MLP activations are recomputed, layer by layer
@@ -309,8 +313,9 @@ def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: Array) -> Array:
     """float32 logits ``[..., V]`` for hidden states ``[..., D]``."""
     w = lm_head(params, cfg)
     dt = activation_dtype(cfg, w.dtype)
-    return jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
+                        preferred_element_type=jnp.float32)
+    return constrain_activation(logits, "logits") if logits.ndim == 3 else logits
 
 
 def padding_positions(attention_mask: Array) -> Array:

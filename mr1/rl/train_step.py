@@ -47,6 +47,7 @@ from mr1.models import transformer
 from mr1.models.config import ModelConfig
 from mr1.models.lora import merge_lora
 from mr1.models.transformer import KVCache
+from mr1.parallel import activation_mesh
 from mr1.rl import losses as L
 
 __all__ = ["TrainState", "RolloutBatch", "LossConfig", "OBJECTIVES", "register_objective",
@@ -330,11 +331,13 @@ def make_update(cfg: ModelConfig, lc: LossConfig, optimizer: optax.GradientTrans
     params, laid out per ``frozen_sharding`` (default replicated) and never donated.
     """
     kw = dict(cfg=cfg, lc=lc, optimizer=optimizer)
-    if lora_scale is None:
-        fn = lambda state, batch: update_step(state, batch, **kw)  # noqa: E731
-    else:
-        fn = lambda state, batch, frozen: update_step(  # noqa: E731
-            state, batch, frozen=frozen, lora_scale=float(lora_scale), **kw)
+
+    def fn(state, batch, frozen=None):
+        with activation_mesh(mesh):  # activations keep the batch layout (mr1.parallel)
+            if lora_scale is None:
+                return update_step(state, batch, **kw)
+            return update_step(state, batch, frozen=frozen, lora_scale=float(lora_scale), **kw)
+
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     from mr1.parallel import batch_sharding, replicated
@@ -347,10 +350,12 @@ def make_update(cfg: ModelConfig, lc: LossConfig, optimizer: optax.GradientTrans
 
 
 def make_score(cfg: ModelConfig, *, with_values: bool = False,
-               lora_scale: float = 1.0) -> Callable:
+               lora_scale: float = 1.0, mesh=None, lc: LossConfig | None = None) -> Callable:
     """Jitted ``(params, batch[, frozen]) -> {"logp", ["values"]}`` over all micro-batches (no
     grad): reference log-probs (reference params) and rollout values (PPO). ``frozen`` (the base
     params) is needed when ``params`` holds LoRA adapters (:func:`policy_params`)."""
+
+    lc = lc or LossConfig()
 
     def fn(params, batch: RolloutBatch, frozen=None):
         policy = policy_params(params, frozen, lora_scale)  # merged once, not per micro-batch
@@ -358,8 +363,10 @@ def make_score(cfg: ModelConfig, *, with_values: bool = False,
         def one(mb):
             return score_completions(policy, cfg, mb.prompt_ids, mb.prompt_mask, mb.tokens,
                                      mb.completion_mask,
-                                     value_head=params.get("value_head") if with_values else None)
-        return jax.lax.map(one, batch)
+                                     value_head=params.get("value_head") if with_values else None,
+                                     logit_chunk=lc.logit_chunk)
+        with activation_mesh(mesh):
+            return jax.lax.map(one, batch)
 
     return jax.jit(fn)
 

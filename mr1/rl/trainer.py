@@ -163,7 +163,7 @@ class Trainer:
                                      self.state_sharding, lora_scale=self.lora_scale,
                                      frozen_sharding=self.frozen_sharding)
         self.score = TS.make_score(self.policy.config, with_values=self.algo == "ppo",
-                                   lora_scale=self.lora_scale or 1.0)
+                                   lora_scale=self.lora_scale or 1.0, mesh=self.mesh, lc=self.lc)
         self.batch_sharding = parallel.batch_sharding(self.mesh, microbatched=True)
         allowed = tuple(getattr(self.task, "allowed_tokens", ()))  # constrained choices
         # parallel.shard_rollouts: the sampler runs on the mesh (rows over the batch axes, the
