@@ -31,7 +31,7 @@ from mr1.agents.pipeline import (
     select_conversations,
 )
 from mr1.memory.embedder import load_embedder
-from mr1.parallel import maybe_initialize_distributed
+from mr1.parallel import maybe_initialize_distributed, process_zero_first
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluate/build config file",
                                           lock_config=True)
@@ -52,7 +52,9 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
         from mr1.rl.trainer import load_policy_from_config
         policy = load_policy_from_config(config)
     builder = MemoryBuilder(cfg, embedder or load_embedder(), policy, generate_fn=generate_fn)
-    mems = build_all(builder, convs, directory, progress=config.progress, log=log)
+    mems = process_zero_first(  # several hosts: process 0 builds, the others load its banks
+        lambda: build_all(builder, convs, directory, progress=config.progress, log=log),
+        "build_memory: banks built")
     stats = {k: m.stats.to_dict() for k, m in mems.items()}
     log(json.dumps(stats, indent=1))
     log(f"{len(mems)} conversations in {directory} ({time.time() - t0:.1f} s)")

@@ -66,7 +66,7 @@ from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
 from mr1.memory.embedder import load_embedder
 from mr1.rl.trainer import load_policy_from_config
-from mr1.parallel import maybe_initialize_distributed
+from mr1.parallel import is_main_process, maybe_initialize_distributed, process_zero_first
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
                                           lock_config=True)
@@ -178,8 +178,9 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
                         generate_fn=generate_fn)
     memories = {}
     if config.method == "memory":
-        memories = build_memories(config, workdir, selected, base, policy, embedder,
-                                  generate_fn, log)
+        memories = process_zero_first(  # several hosts: process 0 builds, the rest load
+            lambda: build_memories(config, workdir, selected, base, policy, embedder,
+                                   generate_fn, log), "evaluate: memories built")
     ops = memory_ops(memories) if memories else None
     window = policy.config.max_position_embeddings
     budget = config.full_context_tokens or (window - config.answer.max_new_tokens - 512)
@@ -238,6 +239,9 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
         _abstention_note(abstention) if abstention else "")
     paths = {"jsonl": workdir / "predictions.jsonl", "markdown": workdir / "results.md",
              "json": workdir / "results.json"}
+    if not is_main_process():  # every process computed the same rows; process 0 writes them
+        return {"rows": rows, "table": table, "markdown": markdown, "paths": paths,
+                "wall_s": wall}
     with open(paths["jsonl"], "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

@@ -346,6 +346,25 @@ def batch_or_replicated(mesh: Mesh, rows: int) -> NamedSharding:
     return batch_sharding(mesh) if rows % batch_devices(mesh) == 0 else replicated(mesh)
 
 
+def process_zero_first(fn, what: str = "mr1"):
+    """``fn()`` on process 0, then (after a barrier) on the others; returns its result.
+
+    For steps that write shared files (memory banks): on a shared filesystem the others then
+    load what process 0 wrote instead of racing it; on per-host disks they redo the work.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"{what}: process 0 done")
+    return fn() if jax.process_index() != 0 else out
+
+
+def is_main_process() -> bool:
+    """Process 0 writes the run's files (metrics, results, plots)."""
+    return jax.process_index() == 0
+
+
 def to_global(tree: Any, shardings: Any) -> Any:
     """Host arrays that every process holds in full → global arrays with ``shardings``.
 

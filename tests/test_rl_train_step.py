@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from mr1.models import load_policy, transformer
+from mr1.models import load_policy
 from mr1.rl import train_step as TS
 from mr1.rl.advantages import group_advantages
 from mr1.rl.losses import token_logprobs

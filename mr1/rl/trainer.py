@@ -457,15 +457,7 @@ def build_then_train(config, workdir, build_task: Callable[[], RLTask], *, polic
     workdir they load its banks (two writers of one bank directory collide), on a local one
     they build the same banks themselves.
     """
-    if jax.process_count() == 1:
-        task = build_task()
-    else:
-        from jax.experimental import multihost_utils
-        if jax.process_index() == 0:
-            task = build_task()
-        multihost_utils.sync_global_devices("mr1.rl.trainer: task built")
-        if jax.process_index() != 0:
-            task = build_task()
+    task = parallel.process_zero_first(build_task, "mr1.rl.trainer: task built")
     return Trainer(config, workdir, policy, task, log=log).run()
 
 
