@@ -87,15 +87,22 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={devices}").strip()
     from mr1 import parallel
-    from mr1.planning import (ACCELERATORS, abstract_sampler, abstract_update, compiled_memory,
-                              is_train_config, make_plan)
+    from mr1.planning import (ACCELERATORS, PEAK, abstract_sampler, abstract_update,
+                              compiled_memory, is_train_config, make_plan)
 
-    plan = make_plan(config, devices, _mesh_arg() or None)
+    try:
+        plan = make_plan(config, devices, _mesh_arg() or None)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     accels = (_ACCEL.value,) if _ACCEL.value else tuple(ACCELERATORS)
     if _ACCEL.value and _ACCEL.value not in ACCELERATORS:
         raise app.UsageError(f"unknown accelerator {_ACCEL.value!r}; known: "
                              f"{sorted(ACCELERATORS)}")
     print(plan.table(accels))
+    if is_train_config(config):
+        accel = _ACCEL.value or (config.get("plan") or {}).get("accelerator", "")
+        if accel in PEAK:
+            _print_time(config, plan, accel)
     info = None
     if _COMPILE.value:
         import jax
@@ -118,6 +125,21 @@ def main(argv):
                       "CPU: run --compile on the target accelerator for its own figure)")
     if _JSON.value:
         pathlib.Path(_JSON.value).write_text(json.dumps(_plan_dict(plan, info), indent=2))
+
+
+def _print_time(config, plan, accel: str) -> None:
+    """The roofline time estimate (mr1.planning.estimate_step_seconds) for ``accel``."""
+    from mr1.planning import BW_EFFICIENCY, MFU, estimate_step_seconds
+
+    worst = estimate_step_seconds(config, plan, accel)
+    short = estimate_step_seconds(config, plan, accel, response_tokens=256)
+    steps = config.num_steps
+    print(f"  time estimate on {plan.mesh.size} x {accel} (roofline at {MFU:.0%} MFU, decode at "
+          f"{BW_EFFICIENCY:.0%} of HBM bandwidth; not measured):")
+    for label, t in (("responses at the 2048-token cap", worst),
+                     ("responses of 256 tokens", short)):
+        print(f"    {label}: rollout {t['rollout_s']:.0f} s + update {t['update_s']:.0f} s = "
+              f"{t['step_s']:.0f} s / step, {steps} steps = {steps * t['step_s'] / 3600:.1f} h")
 
 
 def _has_accelerator() -> bool:

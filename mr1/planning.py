@@ -30,6 +30,15 @@ ACCELERATORS = {
     "a100-40gb": 40, "a100-80gb": 80, "h100-80gb": 80, "h200": 141,
 }
 HEADROOM = 0.9  # a plan "fits" when its total is under 90% of the device's memory
+# Dense bf16 peak (TFLOP/s) and HBM bandwidth (TB/s) per device, from the vendors' data sheets:
+# the time estimates below scale these by assumed efficiencies (nothing here is measured).
+PEAK = {
+    "v4": (275, 1.2), "v5e": (197, 0.82), "v5p": (459, 2.76), "v6e": (918, 1.64),
+    "a100-40gb": (312, 1.56), "a100-80gb": (312, 2.04), "h100-80gb": (989, 3.35),
+    "h200": (989, 4.8),
+}
+MFU = 0.35        # assumed matmul utilisation of prefill and the update (FSDP, remat)
+BW_EFFICIENCY = 0.5  # assumed fraction of HBM bandwidth a decode step achieves
 
 
 @dataclasses.dataclass
@@ -209,6 +218,11 @@ def make_plan(config, num_devices: int | None = None, mesh=None) -> Plan:
             comp["reference model"] = _tree_bytes({"policy": ref}, sizes, mode)
         P, G = config.rollout.prompts_per_step, config.rollout.group_size
         mb = config.rollout.microbatch_prompts or P
+        if P % mb or mb % shape.batch:  # the Trainer's own check
+            raise ValueError(
+                f"prompts_per_step {P} must split into micro-batches of {mb} prompts, each "
+                f"divisible by the {shape.batch} devices the batch is split over (mesh {shape});"
+                f" set --config.rollout.microbatch_prompts to a multiple of {shape.batch}")
         sharded = bool(config.parallel.get("shard_rollouts", False))
         roll_dev = shape.batch if sharded else 1
         roll_tp = shape.tp if sharded else 1
@@ -255,6 +269,39 @@ def make_plan(config, num_devices: int | None = None, mesh=None) -> Plan:
     return Plan(spec=config.get("spec", ""), model=cfg.name, num_params=cfg.num_params,
                 mesh=shape, kind=kind, components=comp, notes=notes, shapes=shapes,
                 phases=phases)
+
+
+def estimate_step_seconds(config, plan: Plan, accelerator: str, *, mfu: float = MFU,
+                          bw_efficiency: float = BW_EFFICIENCY,
+                          response_tokens: int | None = None) -> dict[str, float]:
+    """A roofline estimate of one training step on ``accelerator`` (not a measurement).
+
+    Rollout: prefill FLOPs at ``mfu`` of peak, then ``response_tokens`` decode steps (default
+    the configured maximum, a worst case: answers usually stop far earlier) each reading the
+    device's bf16 weight shard and KV cache at ``bw_efficiency`` of HBM bandwidth, per sampler
+    call. Update: 3 forward-equivalents (forward + backward), +1 with remat, +1 for a KL
+    reference or PPO values pass, over prompt + completion tokens, at ``mfu`` of peak.
+    """
+    cfg = model_config(config)
+    tflops, tbps = PEAK[accelerator]
+    flops_s = tflops * 1e12 * mfu * plan.mesh.size
+    P, G = config.rollout.prompts_per_step, config.rollout.group_size
+    t_p = int(plan.shapes["prompt"])
+    t_r = int(response_tokens or plan.shapes["response"])
+    ctx = t_p + t_r // 2
+    prefill = P * t_p * cfg.flops_per_token(t_p // 2) / flops_s
+    per_call = config.rollout.get("prompts_per_call", 0) or P
+    calls = P // per_call
+    weights = 2 * cfg.num_params / plan.mesh.size  # bf16 weight shard read per decode step
+    kv = plan.components["rollout KV cache"] * (ctx / (t_p + t_r))
+    decode = calls * t_r * (weights + kv) / (tbps * 1e12 * bw_efficiency)
+    decode_flops = P * G * t_r * cfg.flops_per_token(ctx) / flops_s
+    passes = 3 + (1 if config.parallel.get("remat", False) else 0)
+    passes += 1 if (config.loss.kl_beta > 0 or config.algo == "ppo") else 0
+    tokens = P * t_p + P * G * t_r
+    update = passes * tokens * cfg.flops_per_token(ctx) / flops_s
+    rollout = prefill + max(decode, decode_flops)
+    return {"rollout_s": rollout, "update_s": update, "step_s": rollout + update}
 
 
 # ----------------------------------------------------------------------------- compile checks
@@ -382,6 +429,6 @@ def fake_device_flags(num_devices: int) -> str:
     return f"--xla_force_host_platform_device_count={int(num_devices)}"
 
 
-__all__ = ["ACCELERATORS", "Plan", "make_plan", "abstract_update", "abstract_sampler",
+__all__ = ["ACCELERATORS", "PEAK", "Plan", "make_plan", "estimate_step_seconds", "abstract_update", "abstract_sampler",
            "compiled_memory", "fake_device_flags", "model_config", "is_train_config",
            "program_key", "compile_config"]

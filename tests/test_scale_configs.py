@@ -93,7 +93,8 @@ def test_plan_cli_prints_a_plan_and_the_grid(tmp_path):
     out = subprocess.run(
         [sys.executable, "experiments/plan.py",
          "--config=experiments/configs/paper.py:locomo_train,qwen2.5-7b,grpo,answer",
-         "--devices=16", "--mesh=2,-1,2", "--accelerator=v5p", f"--json={tmp_path / 'p.json'}"],
+         "--devices=16", "--mesh=2,-1,2", "--accelerator=v5p", f"--json={tmp_path / 'p.json'}",
+         "--config.rollout.microbatch_prompts=8"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "mesh data=2 fsdp=4 tp=2" in out.stdout and "v5p (95 GiB)" in out.stdout
@@ -103,6 +104,11 @@ def test_plan_cli_prints_a_plan_and_the_grid(tmp_path):
     plan = json.loads((tmp_path / "p.json").read_text())
     assert plan["devices"] == 16 and plan["mesh"] == [2, 4, 2]
     assert plan["peak_gib"] == max(plan["phases_gib"].values())
+    bad = subprocess.run(  # 4-prompt micro-batches cannot split over 8 batch devices
+        [sys.executable, "experiments/plan.py",
+         "--config=experiments/configs/paper.py:locomo_train,qwen2.5-7b,grpo,answer",
+         "--devices=16", "--mesh=1,-1,2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "microbatch_prompts to a multiple of 8" in bad.stderr
     grid = subprocess.run([sys.executable, "experiments/plan.py", "--all"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert grid.returncode == 0, grid.stderr[-2000:]
