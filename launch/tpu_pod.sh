@@ -5,8 +5,9 @@
 set -euo pipefail
 
 PROG="tpu_pod.sh"
+# shellcheck source=launch/lib.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-JOBS=(grpo_answer ppo_answer grpo_memory ppo_memory evaluate build_memory)
 COMMANDS=(create copy install run exec delete describe all)
 LIBTPU_INDEX="https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
@@ -57,36 +58,6 @@ For run, anything after -- is passed to the experiment, e.g. -- --config.model=m
 EOF
 }
 
-die() {
-  echo "$PROG: $*" >&2
-  echo "$PROG: see launch/$PROG --help" >&2
-  exit 2
-}
-
-# One argument quoted for a POSIX shell: bare when it needs no quoting, --opt='a value' for an
-# option with a value.
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--?[A-Za-z0-9][A-Za-z0-9_.-]*=)(.*)$ ]]; then
-    printf '%s' "${BASH_REMATCH[1]}"
-    quote "${BASH_REMATCH[2]}"
-  else
-    local sq="'\\''"
-    printf "'%s'" "${s//\'/$sq}"
-  fi
-}
-
-# A whole command line, each argument quoted.
-quote_all() {
-  local out="" arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "$arg")"
-  done
-  printf '%s' "$out"
-}
-
 # Prints the command ("+ ..."); runs it unless --dry-run.
 run_cmd() {
   if ((DRY_RUN)); then
@@ -95,15 +66,6 @@ run_cmd() {
     echo "+ $(quote_all "$@")" >&2
     "$@"
   fi
-}
-
-in_list() {
-  local want=$1 item
-  shift
-  for item in "$@"; do
-    [[ $item == "$want" ]] && return 0
-  done
-  return 1
 }
 
 DEFAULT_ZONE="us-east5-a"
@@ -128,20 +90,6 @@ ENVS=()
 DETACH=0
 DRY_RUN=0
 EXTRA=()
-
-# Value of an option given as "--opt value" or "--opt=value"; sets SHIFT to the words used.
-opt_value() {
-  local opt=$1 next=${2-} has_next=$3
-  if [[ $opt == *=* ]]; then
-    VALUE=${opt#*=}
-    SHIFT=1
-  elif ((has_next)); then
-    VALUE=$next
-    SHIFT=2
-  else
-    die "option $opt needs a value"
-  fi
-}
 
 while (($#)); do
   arg=$1
