@@ -2,13 +2,15 @@
 ``tests/test_rl_multiprocess.py``): the tiny GRPO config with a dense toy reward.
 
     python -m tests.rl_driver WORKDIR [--set key=json ...] [--process-id I --num-processes N
-        --coordinator HOST:PORT]
+        --coordinator HOST:PORT] [--dump-rollouts DIR]
 
 With the random tiny model every real reward is 0 (garbage never matches the gold), so losses
 and gradients would be 0 and any comparison vacuous; the ``toy`` reward registered here is the
 completion's length mod 7 over 7, which varies within a group. Device count: set
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` in the environment. The embedder is a
 deterministic bag-of-words hash (no MiniLM load or compile: it only ranks memories here).
+``--dump-rollouts DIR``: every process saves each step's host rollout arrays (after any
+cross-process gather) to ``DIR/s{step}_p{process}.npz`` (:data:`DUMPED_ROLLOUT_KEYS`).
 
 Helpers for the tests (:func:`launch`, :func:`deterministic_columns`, :func:`assert_rows_equal`,
 :func:`tiny_like_params`) live here too.
@@ -31,6 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "configs" / "locomo_tiny_rl.py"
 # Timing columns vary run to run; everything else in metrics.csv is a function of the step.
 TIMING_SUFFIXES = ("_s", "_tok_s")
+DUMPED_ROLLOUT_KEYS = ("prompt_ids", "tokens", "old_logp", "completion_mask", "rewards")
 
 
 class HashEmbedder:
@@ -81,6 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--coordinator", default="")
+    p.add_argument("--dump-rollouts", default="", help="save each step's rollout arrays here")
     args = p.parse_args(argv)
 
     import jax
@@ -96,6 +100,8 @@ def main(argv=None) -> None:
 
     if "toy" not in rewards.REWARDS:
         rewards.register_reward("toy")(toy_reward)
+    if args.dump_rollouts:
+        dump_rollouts_to(args.dump_rollouts)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     config = make_config({k: json.loads(v) for k, v in overrides.items()})
     tag = f"[p{jax.process_index()}] " if jax.process_count() > 1 else ""
@@ -103,6 +109,32 @@ def main(argv=None) -> None:
     log = lambda s: print(f"{tag}[{time.time() - t0:6.1f}s] {s}", flush=True)
     log(f"devices: {jax.devices()}")
     train(config, args.workdir, embedder=HashEmbedder(), log=log)
+
+
+def dump_rollouts_to(directory) -> None:
+    """Wraps ``Trainer.rollout`` so that each step's host arrays are also saved to
+    ``directory/s{step}_p{process}.npz``."""
+    import jax
+
+    from mr1.rl.trainer import Trainer
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rollout = Trainer.rollout
+
+    def dumping_rollout(self, step):
+        arrays, metrics = rollout(self, step)
+        np.savez(directory / f"s{step}_p{jax.process_index()}.npz",
+                 **{k: np.asarray(arrays[k]) for k in DUMPED_ROLLOUT_KEYS})
+        return arrays, metrics
+
+    Trainer.rollout = dumping_rollout
+
+
+def load_rollout(directory, step: int, process: int = 0) -> dict[str, np.ndarray]:
+    """A rollout saved by ``--dump-rollouts``."""
+    with np.load(pathlib.Path(directory) / f"s{step}_p{process}.npz") as f:
+        return {k: f[k] for k in f.files}
 
 
 # ------------------------------------------------------------------------------- test helpers

@@ -18,10 +18,13 @@ name per conversation); that is not what this test is about.
 The ``2x4`` tests: two processes with 4 CPU devices each (a global mesh of 8) train, stop,
 checkpoint and resume, against an uninterrupted 2 x 4 run and a single 8-device process (see
 the comment above ``MESH8``); param sharding "replicated" (and "fsdp" with
-``MR1_TEST_RL_2X4_FSDP=1``).
+``MR1_TEST_RL_2X4_FSDP=1``). With ``MR1_TEST_RL_2X4_SHARDED_ROLLOUTS=1`` also the same 2 x 4
+training with ``parallel.shard_rollouts`` (the sampler on the global mesh; see the comment above
+``SHARDED``).
 
 Every subprocess has a timeout and is killed on any failure, so a hung collective cannot hang
-the suite. Slow (~2 min on 2 busy cores, ~3 min more for the 2x4 tests, ~3 more with FSDP).
+the suite. Slow (~2 min on 2 busy cores, ~3 min more for the 2x4 tests, ~3 more with FSDP,
+~1 more per param sharding with sharded rollouts).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import socket
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from tests import rl_driver as D
@@ -186,10 +190,11 @@ def _ckpt_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-def _launch_two(wd, overrides: dict, logs: list, cache, port: int) -> list[subprocess.Popen]:
+def _launch_two(wd, overrides: dict, logs: list, cache, port: int,
+                extra: tuple = ()) -> list[subprocess.Popen]:
     return [D.launch(wd, overrides, devices=4, log_path=logs[i], cache_dir=cache,
                      extra_args=("--process-id", str(i), "--num-processes", "2",
-                                 "--coordinator", f"localhost:{port}"))
+                                 "--coordinator", f"localhost:{port}", *extra))
             for i in range(2)]
 
 
@@ -208,6 +213,7 @@ def mesh8(request, embedded_gguf, tmp_path_factory):
             for run in ("uninterrupted", "stopped", "resumed")}
     wd = {"1x8": root / "one_proc_8dev", "uninterrupted": root / "uninterrupted",
           "resumed": root / "resumed"}
+    dumps = {"uninterrupted": root / "rollouts_uninterrupted"}  # for the sharded-rollout tests
     timings = {}
 
     t0 = time.time()  # the 8-device reference first: it builds the memory banks
@@ -220,7 +226,8 @@ def mesh8(request, embedded_gguf, tmp_path_factory):
     t0 = time.time()  # the uninterrupted and the stopped 2 x 4 runs side by side
     ports = _free_ports(2)
     procs = (_launch_two(wd["uninterrupted"], {**common, "num_steps": MESH8_STEPS},
-                         logs["uninterrupted"], cache, ports[0]) +
+                         logs["uninterrupted"], cache, ports[0],
+                         extra=("--dump-rollouts", str(dumps["uninterrupted"]))) +
              _launch_two(wd["resumed"], {**common, "num_steps": MESH8_STOP}, logs["stopped"],
                          cache, ports[1]))
     assert _wait_all(procs, logs["uninterrupted"] + logs["stopped"], 1.5 * TIMEOUT) == [0] * 4
@@ -235,7 +242,8 @@ def mesh8(request, embedded_gguf, tmp_path_factory):
     assert _wait_all(procs, logs["resumed"], TIMEOUT) == [0, 0]
     timings["2x4 resumed"] = time.time() - t0
     print(f"2x4 {sharding} timings:", {k: round(v, 1) for k, v in timings.items()})
-    return {"sharding": sharding, "wd": wd, "logs": logs, "after_stop": after_stop}
+    return {"sharding": sharding, "wd": wd, "logs": logs, "after_stop": after_stop,
+            "dumps": dumps, "root": root, "cache": cache, "common": common}
 
 
 def test_2x4_global_mesh_checkpoint_and_resume(mesh8):
@@ -295,3 +303,129 @@ def test_2x4_matches_one_process_8dev_first_step(mesh8):
           f"{D.max_param_diff(p_got, p_want)}")
     D.assert_params_close(p_got, p_want, rtol=RTOL, atol=ATOL, what="step 1 vs 1 x 8",
                           outlier_atol=ADAM_OUTLIER_ATOL, max_outlier_frac=1e-4)
+
+
+# ------------------------------------------------ 2 processes x 4 devices: sharded rollouts
+
+# parallel.shard_rollouts: the sampler runs on the global mesh (one of the 8 prompts per device,
+# with its 4 samples), the prompts go in with mr1.parallel.to_global and the outputs come back
+# with to_host (process_allgather). The 2 x 4 run trains MESH8_STEPS steps; every process dumps
+# its host rollouts (tests/rl_driver.py --dump-rollouts). Compared with:
+#
+# - a single process with 8 devices and sharded rollouts: the same per-device sampler program
+#   and an exact gather, so the step-0 rollouts must be bit-identical (tokens and log-probs);
+#   metrics of steps 0 and 1 and the params after step 1 as in the 1 x 8 comparison above.
+# - the non-sharded uninterrupted 2 x 4 run (mesh8): the same prompts, row order and RNG keys,
+#   but not the same per-device shapes (1 prompt / 4 sample rows per device instead of all 32
+#   rows on one device), and XLA:CPU rounds row-count dependently (e.g. the 49152-wide LM head:
+#   a 1-row matmul, a GEMV, is up to 8.6e-6 off the same row in a batched one). Log-probs move
+#   by ~1e-6, and the inverse-CDF sampler (one uniform per row against the cumulative softmax
+#   of the random tiny model's near-uniform 49152 probabilities) picks the neighbouring token
+#   id wherever the uniform lands that close to a CDF boundary: observed 2 of 32 step-0 rows
+#   with replicated params, 1 with fsdp (token id +1 in each). From there the rewards,
+#   gradients and params differ (different data, not rounding: params after step 1 up to
+#   2 x the learning rate apart, no step-1 row the same), so only step 0 (greedy validation;
+#   all zeros with the random model) must match, and the step-0 rollouts must agree on most
+#   rows with log-probs within rounding (a misordered gather or other per-row keys would change
+#   nearly every row); later differences are printed.
+SHARDED = {"parallel.shard_rollouts": True}
+SHARDED_MIN_SAME_ROWS = 0.75  # step-0 rollout rows identical to the non-sharded run
+SHARDED_LOGP_ATOL = 1e-5      # their log-probs on the tokens both runs sampled
+sharded_opt_in = pytest.mark.skipif(not os.environ.get("MR1_TEST_RL_2X4_SHARDED_ROLLOUTS"),
+                                    reason="set MR1_TEST_RL_2X4_SHARDED_ROLLOUTS=1")
+
+
+@pytest.fixture(scope="module")
+def mesh8_sharded(mesh8):
+    root, cache, common = mesh8["root"], mesh8["cache"], {**mesh8["common"], **SHARDED}
+    wd = {"2x4": root / "sharded_2x4", "1x8": root / "sharded_1x8"}
+    dumps = {k: root / f"rollouts_sharded_{k}" for k in wd}
+    logs = [root / f"sharded_2x4_p{i}.log" for i in range(2)]
+    t0 = time.time()  # the 2 x 4 run and its 1 x 8 reference (steps 0-1 compared) side by side
+    procs = _launch_two(wd["2x4"], {**common, "num_steps": MESH8_STEPS}, logs, cache,
+                        _free_port(), extra=("--dump-rollouts", str(dumps["2x4"])))
+    procs.append(D.launch(wd["1x8"], {**common, "num_steps": 2}, devices=8,
+                          log_path=D.log_path_of(wd["1x8"]), cache_dir=cache,
+                          extra_args=("--dump-rollouts", str(dumps["1x8"]))))
+    assert _wait_all(procs, logs + [D.log_path_of(wd["1x8"])], 1.5 * TIMEOUT) == [0] * 3
+    print(f"2x4 {mesh8['sharding']} sharded rollouts + 1x8 reference: {time.time() - t0:.1f}s")
+    return {"sharding": mesh8["sharding"], "wd": wd, "dumps": dumps, "logs": logs,
+            "unsharded": mesh8}
+
+
+@sharded_opt_in
+def test_2x4_sharded_rollouts_ran_on_the_global_mesh(mesh8_sharded):
+    m = mesh8_sharded
+    for i, log in enumerate(m["logs"]):
+        line = next(x for x in log.read_text().splitlines() if "devices: [" in x)
+        assert line.count("CpuDevice(") == 8, (i, line)
+    r0, r1 = (_logged_rewards(x) for x in m["logs"])
+    assert len(r0) == MESH8_STEPS and r0 == r1, (r0, r1)
+    for step in range(MESH8_STEPS):  # both processes gathered the same whole rollout
+        a, b = (D.load_rollout(m["dumps"]["2x4"], step, i) for i in range(2))
+        assert a["tokens"].shape == (8 * 4, b["tokens"].shape[1]), a["tokens"].shape
+        for k in D.DUMPED_ROLLOUT_KEYS:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {step} {k}: p0 vs p1")
+    assert _ckpt_steps(m["wd"]["2x4"]) == list(range(1, MESH8_STEPS + 1))
+    assert sorted(D.csv_rows(m["wd"]["2x4"])) == list(range(MESH8_STEPS + 1))
+
+
+@sharded_opt_in
+def test_2x4_sharded_rollouts_match_one_process_8dev(mesh8_sharded):
+    m = mesh8_sharded
+    got, want = (D.load_rollout(m["dumps"][k], 0) for k in ("2x4", "1x8"))
+    for k in D.DUMPED_ROLLOUT_KEYS:  # same per-device program, exact gather: bit-identical
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"step-0 rollout {k}")
+    got, want = D.csv_rows(m["wd"]["2x4"]), D.csv_rows(m["wd"]["1x8"])
+    assert sorted(want) == [0, 1, 2]
+    for step in (0, 1):  # later steps sample from rounding-different params (see MESH8)
+        assert step == 0 or want[step]["grad_norm"] > 1e-3 and want[step]["skipped"] == 0.0
+        D.assert_rows_equal(got[step], want[step], rtol=RTOL, atol=ATOL,
+                            what=f"sharded step {step} vs 1 x 8 ({m['sharding']})")
+    p_got, p_want = (D.restore_policy_params(m["wd"][k], 1) for k in ("2x4", "1x8"))
+    print(f"2x4 {m['sharding']} sharded rollouts vs 1x8 sharded after step 1, max |param diff|: "
+          f"{D.max_param_diff(p_got, p_want)}")
+    D.assert_params_close(p_got, p_want, rtol=RTOL, atol=ATOL, what="sharded step 1 vs 1 x 8",
+                          outlier_atol=ADAM_OUTLIER_ATOL, max_outlier_frac=1e-4)
+
+
+def _rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+@sharded_opt_in
+def test_2x4_sharded_rollouts_vs_unsharded(mesh8_sharded):
+    m, un = mesh8_sharded, mesh8_sharded["unsharded"]
+    got, want = D.csv_rows(m["wd"]["2x4"]), D.csv_rows(un["wd"]["uninterrupted"])
+    assert sorted(got) == sorted(want) == list(range(MESH8_STEPS + 1))
+    # step 0: greedy validation of the initial params (argmax: no boundary to flip)
+    D.assert_rows_equal(got[0], want[0], rtol=RTOL, atol=ATOL,
+                        what=f"step 0 sharded vs unsharded ({m['sharding']})")
+    for step in range(1, MESH8_STEPS + 1):  # trained, not vacuous, the same columns filled
+        assert got[step]["grad_norm"] > 1e-3 and got[step]["skipped"] == 0.0, got[step]
+        cols = D.deterministic_columns(want[step])  # (val_* are empty between validations)
+        assert cols == D.deterministic_columns(got[step])
+        assert [np.isfinite(got[step][c]) for c in cols] == \
+            [np.isfinite(want[step][c]) for c in cols], (step, got[step], want[step])
+    # the step-0 rollouts: the same prompts in the same order; most rows the same tokens
+    a, b = (D.load_rollout(d, 0) for d in (m["dumps"]["2x4"], un["dumps"]["uninterrupted"]))
+    np.testing.assert_array_equal(a["prompt_ids"], b["prompt_ids"])
+    same_tok = a["tokens"] == b["tokens"]
+    same_rows = same_tok.all(axis=1)
+    prefix = np.cumprod(same_tok, axis=1).astype(bool)  # positions before a row's first flip
+    logp_diff = np.abs(a["old_logp"] - b["old_logp"])[prefix]
+    first = {int(r): int(np.argmin(same_tok[r])) for r in np.flatnonzero(~same_rows)}
+    flips = [(r, i, int(a["tokens"][r, i]) - int(b["tokens"][r, i])) for r, i in first.items()]
+    steps = range(1, MESH8_STEPS + 1)
+    cols = ("reward_mean", "completion_len", "loss", "grad_norm")
+    params = {s: D.max_param_diff(D.restore_policy_params(m["wd"]["2x4"], s),
+                                  D.restore_policy_params(un["wd"]["uninterrupted"], s))
+              for s in steps}
+    print(f"2x4 {m['sharding']} sharded vs unsharded rollouts: step 0 rows identical "
+          f"{int(same_rows.sum())}/{len(same_rows)}, (row, first differing position, token id "
+          f"difference): {flips}, old_logp max |diff| on common tokens {logp_diff.max():.3g} "
+          f"(exactly equal: {np.mean(logp_diff == 0):.3f}); metrics rel diff by step: "
+          f"{ {c: [round(_rel_diff(got[s][c], want[s][c]), 4) for s in steps] for c in cols} }; "
+          f"max |param diff| by step: {params}")
+    assert same_rows.mean() >= SHARDED_MIN_SAME_ROWS, flips
+    assert logp_diff.max() <= SHARDED_LOGP_ATOL, logp_diff.max()
