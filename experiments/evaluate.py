@@ -16,6 +16,10 @@ LoCoMo's per-category rules on LoCoMo only (plain stemmed F1 elsewhere).
 Methods (``config.method``): ``memory`` (per-speaker banks built by mr1.agents.pipeline --
 resumed from ``<workdir>/memory`` or ``config.memory.dir`` -- then the Answer Agent with
 distillation), ``rag`` (top-k raw turns by embedding), ``full_context`` (newest turns that fit).
+``--config.answer.distill=False`` (absent = True) drops the memory method's distillation step:
+the Answer Agent's prompt asks for the ``**Answer:**`` line only (the paper's "without memory
+distillation" ablation; ``num_distilled`` is then 0 for compliant outputs); results.json
+records it as ``distill``. Evaluate an Answer Agent RL run with the setting it was trained with.
 ``config.checkpoint`` (a trainer's ``<workdir>/checkpoints`` or ``<workdir>/best``) gives the
 Answer Agent the trained params of that run instead of the loaded model's, and
 ``config.memory.manager_checkpoint`` gives them to the memory builder (Memory Manager and "llm"
@@ -95,6 +99,18 @@ def _trained_policy(policy, checkpoint, log=print):
     return dataclasses.replace(policy, params=trained)
 
 
+def _check_distill(checkpoint, distill: bool, log=print) -> None:
+    """Logs a note when the Answer Agent RL run behind ``checkpoint`` was trained with another
+    ``answer.distill`` than this evaluation uses (a legitimate cross-check, so not an error)."""
+    if not checkpoint:
+        return
+    from mr1.rl.trainer import run_config
+    trained = (run_config(checkpoint).get("answer") or {}).get("distill", True)
+    if bool(trained) != distill:
+        log(f"note: {checkpoint} was trained with answer.distill={bool(trained)}, "
+            f"evaluating with answer.distill={distill}")
+
+
 def build_memories(config, workdir, selected, base, answer_policy, embedder, generate_fn,
                    log=print) -> dict:
     """Builds or resumes the banks with the manager policy (``memory.manager_checkpoint``)."""
@@ -171,11 +187,13 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     embedder = embedder or load_embedder()
     base = policy or load_policy_from_config(config)  # model, dtypes, attention chunk
     policy = _trained_policy(base, config.get("checkpoint", ""), log)  # the Answer Agent's
+    distill = bool(config.answer.get("distill", True))  # absent in configs before the switch
+    _check_distill(config.get("checkpoint", ""), distill, log)
     agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k,
                         max_new_tokens=config.answer.max_new_tokens,
                         batch_size=config.answer.batch_size,
                         temperature=config.answer.temperature, seed=config.seed,
-                        generate_fn=generate_fn)
+                        generate_fn=generate_fn, distill=distill)
     memories = {}
     if config.method == "memory":
         memories = process_zero_first(  # several hosts: process 0 builds, the rest load
@@ -232,8 +250,10 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
                                                     ("non_abstention", False))}
     missing = sum(r["answer_line_missing"] for r in rows)
     wall = time.time() - t0
-    notes = (f"\nbenchmark {_data_label(config, benchmark)}, method {config.method}, model "
-             f"{config.model}, {len(rows)} questions; answer line missing: {missing}/{len(rows)}; "
+    no_distill = " (no distillation)" if config.method == "memory" and not distill else ""
+    notes = (f"\nbenchmark {_data_label(config, benchmark)}, method {config.method}{no_distill}, "
+             f"model {config.model}, {len(rows)} questions; answer line missing: "
+             f"{missing}/{len(rows)}; "
              f"J: {'judge' if judge else 'not computed (no judge configured)'}; "
              f"wall time {wall:.1f} s\n") + (_ops_note(ops) if ops else "") + (
         _abstention_note(abstention) if abstention else "")
@@ -254,6 +274,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
          "checkpoint": config.get("checkpoint", ""),
          "manager_checkpoint": config.memory.get("manager_checkpoint", ""),
          "split": config.split if benchmark == "locomo" else None, "memory_ops": ops,
+         "distill": distill if config.method == "memory" else None,
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,
          "config": json.loads(config.to_json())}, indent=2))

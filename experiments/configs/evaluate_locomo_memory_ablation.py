@@ -15,6 +15,26 @@ banks are built once per manager and resumed from ``memory.dir``):
         --config.memory.dir=runs/abl/mem_rl --config.memory.manager_checkpoint=runs/grpo_memory/best \
         --config.checkpoint=runs/grpo_answer/best --workdir=runs/abl/rl_rl
 
+Without memory distillation (the paper's ablation: the Answer Agent's prompt asks for the
+``**Answer:**`` line only, ``--config.answer.distill=False``; results.json records
+``"distill": false``), on the RL manager's banks: the base Answer Agent, the RL one (trained
+with distillation), and one trained without it:
+
+    python experiments/grpo_answer.py --config=experiments/configs/locomo_smollm2_135m_grpo.py \
+        --config.answer.distill=False --workdir=runs/grpo_answer_nodistill
+
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_memory_ablation.py \
+        --config.memory.dir=runs/abl/mem_rl --config.memory.manager_checkpoint=runs/grpo_memory/best \
+        --config.answer.distill=False --workdir=runs/abl/rl_base_nodistill
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_memory_ablation.py \
+        --config.memory.dir=runs/abl/mem_rl --config.memory.manager_checkpoint=runs/grpo_memory/best \
+        --config.checkpoint=runs/grpo_answer/best --config.answer.distill=False \
+        --workdir=runs/abl/rl_rl_nodistill
+    python experiments/evaluate.py --config=experiments/configs/evaluate_locomo_memory_ablation.py \
+        --config.memory.dir=runs/abl/mem_rl --config.memory.manager_checkpoint=runs/grpo_memory/best \
+        --config.checkpoint=runs/grpo_answer_nodistill/best --config.answer.distill=False \
+        --workdir=runs/abl/rl_rlnodistill_nodistill
+
 Same prompts and budgets as the RL configs (observations as facts; the manager shown the 5
 most similar memories and choosing the op as one constrained word, ``memory.manager_format="op"``;
 2 x 5 memories and 32 new tokens for the answer) and the same 128 seeded test questions as

@@ -51,6 +51,9 @@ def get_config():
     c.answer.max_new_tokens = 128       # distilled memories + the **Answer:** line
     c.answer.batch_size = 16            # prompts per generate call
     c.answer.temperature = 0.0          # evaluation is greedy
+    c.answer.distill = True             # list the relevant memories before the answer
+                                        # line (paper); False = answer line only (the
+                                        # "without memory distillation" ablation)
 
     c.rag_top_k = 20                    # turns retrieved by the "rag" method
     c.full_context_tokens = 0           # "full_context" budget in tokens (0 = model window

@@ -39,6 +39,9 @@ def get_config():
     c.answer = ml_collections.ConfigDict()
     c.answer.top_k = 5                  # memories per speaker (paper: 30; CPU: 5)
     c.answer.max_new_tokens = 32        # distillation + answer line budget (paper: 2048)
+    c.answer.distill = True             # prompt asks for the relevant memories, then the
+                                        # answer line (paper); False = answer line only
+                                        # (ablation; evaluate with the same setting)
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.prompts_per_step = 4      # questions per step (paper: global batch 128)

@@ -5,7 +5,11 @@ each speaker's bank in one :func:`~mr1.memory.bank.retrieve_many` call per bank,
 (:data:`~mr1.agents.prompts.ANSWER_AGENT`) are built with the memories' session timestamps, and
 ONE batched ``generate`` call answers the batch. :func:`parse_answer` reads the distilled
 memories and the ``**Answer:**`` line; when the line is missing the last non-empty line is used
-and the result is flagged ``answer_line_missing`` (never an exception).
+and the result is flagged ``answer_line_missing`` (never an exception). ``distill=False``
+(config ``answer.distill``) drops the distillation step -- the paper's "without memory
+distillation" ablation: the prompt (:data:`~mr1.agents.prompts.ANSWER_AGENT_DIRECT`) shows the
+same memories but asks for the answer line only, so a compliant output distils nothing
+(``distilled == ()``).
 
 The RAG and full-context baselines (:func:`rag_prompts`, :func:`full_context_prompts`) build
 prompts over raw dialogue turns and share the same generation and parsing.
@@ -89,14 +93,18 @@ class AnswerAgent:
       max_new_tokens: answer budget (distillation + answer line).
       batch_size: prompts per generate call.
       generate_fn: ``mr1.sampling.generate`` or a stand-in with its signature (tests).
+      distill: True (paper): the prompt asks to list the relevant memories before the answer
+        line; False: the answer line only (the "without memory distillation" ablation).
     """
 
     def __init__(self, policy, embedder, *, top_k: int = 30, max_new_tokens: int = 96,
                  batch_size: int = 16, temperature: float = 0.0, seed: int = 0,
-                 generate_fn: Callable | None = None):
+                 generate_fn: Callable | None = None, distill: bool = True):
         self.policy, self.embedder = policy, embedder
         self.top_k, self.max_new_tokens, self.batch_size = top_k, max_new_tokens, batch_size
         self.temperature, self.seed = temperature, seed
+        self.distill = bool(distill)
+        self.prompt_form = P.answer_form(self.distill)   # a key of P.ANSWER_PROMPTS
         if generate_fn is None:
             from mr1.sampling import generate as generate_fn
         self.generate = generate_fn
@@ -104,7 +112,8 @@ class AnswerAgent:
     # -- prompts
     def memory_prompts(self, conv: Conversation, memory: ConversationMemory,
                        questions: Sequence[str]) -> list[str]:
-        """Answer prompts with each speaker's top-k memories (best first)."""
+        """Answer prompts with each speaker's top-k memories (best first), in the agent's
+        :attr:`prompt_form` (with or without the distillation step)."""
         q = jnp.asarray(np.asarray(self.embedder.encode(list(questions)), np.float32))
         per_speaker = []
         for name in (conv.speaker_a, conv.speaker_b):
@@ -116,7 +125,7 @@ class AnswerAgent:
             per_speaker.append([[(mem.timestamps[s], mem.texts[s] or "")
                                  for s, ok in zip(r.indices[j], r.mask[j]) if ok]
                                 for j in range(len(questions))])
-        return [P.answer_prompt(qs, conv.speaker_a, conv.speaker_b, a, b)
+        return [P.answer_prompt(qs, conv.speaker_a, conv.speaker_b, a, b, form=self.prompt_form)
                 for qs, a, b in zip(questions, *per_speaker)]
 
     # -- generation

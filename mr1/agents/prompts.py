@@ -10,7 +10,9 @@
   the target and text), the form a 135M model can learn on a CPU;
 * :data:`ANSWER_AGENT` -- shows the retrieved memories of each speaker with timestamps and asks
   the model to first list the relevant ones (memory distillation), then a final line
-  ``**Answer:** <short answer>`` of under 6 words.
+  ``**Answer:** <short answer>`` of under 6 words; :data:`ANSWER_AGENT_DIRECT` shows the same
+  memories and asks for the answer line only (the paper's "without memory distillation"
+  ablation). :data:`ANSWER_PROMPTS` names the two forms (``"distill"``, ``"direct"``).
 
 The judge prompt lives in :mod:`mr1.eval.judge`. Prompts are kept short on purpose: on CPU the
 prefill dominates the cost (see DESIGN.md §5).
@@ -113,13 +115,40 @@ def memory_manager_prompt(speaker: str, fact: str, memories: Sequence[tuple[int 
                                         memories=format_memories(memories))
 
 
+ANSWER_AGENT_DIRECT = """You answer a question about a conversation between {speaker_a} and \
+{speaker_b}, using their memories.
+
+Memories of {speaker_a}:
+{memories_a}
+
+Memories of {speaker_b}:
+{memories_b}
+
+Question: {question}
+Reply with one line only:
+{marker} <answer in under 6 words>"""
+
+ANSWER_PROMPTS = {"distill": ANSWER_AGENT, "direct": ANSWER_AGENT_DIRECT}
+
+
+def answer_form(distill: bool) -> str:
+    """The :data:`ANSWER_PROMPTS` key of a ``distill`` switch (``answer.distill`` in configs)."""
+    return "distill" if distill else "direct"
+
+
 def answer_prompt(question: str, speaker_a: str, speaker_b: str,
                   memories_a: Sequence[tuple[str, str]],
-                  memories_b: Sequence[tuple[str, str]]) -> str:
-    return ANSWER_AGENT.format(speaker_a=speaker_a, speaker_b=speaker_b, question=question,
-                               memories_a=format_timed_memories(memories_a),
-                               memories_b=format_timed_memories(memories_b),
-                               marker=ANSWER_MARKER)
+                  memories_b: Sequence[tuple[str, str]], form: str = "distill") -> str:
+    """The Answer Agent prompt; ``form`` is a key of :data:`ANSWER_PROMPTS` (``"distill"``:
+    list the relevant memories, then the answer line; ``"direct"``: the answer line only)."""
+    if form not in ANSWER_PROMPTS:
+        raise ValueError(f"answer prompt form must be one of {sorted(ANSWER_PROMPTS)}, "
+                         f"got {form!r}")
+    return ANSWER_PROMPTS[form].format(speaker_a=speaker_a, speaker_b=speaker_b,
+                                       question=question,
+                                       memories_a=format_timed_memories(memories_a),
+                                       memories_b=format_timed_memories(memories_b),
+                                       marker=ANSWER_MARKER)
 
 
 CONTEXT_ANSWER = """You answer a question about a conversation between {speaker_a} and \

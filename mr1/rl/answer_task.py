@@ -2,9 +2,10 @@
 
 Prompts are the evaluation harness's own (:meth:`mr1.agents.answer.AnswerAgent.memory_prompts`:
 top-k memories per speaker from banks built by :mod:`mr1.agents.pipeline`), so what RL trains on
-is exactly what ``experiments/evaluate.py`` measures. They are tokenized once through the chat
-template and left-padded to ONE length for the whole split (the sampler and the update then
-compile once). Rewards are computed on the host from the parsed ``**Answer:**`` line.
+is exactly what ``experiments/evaluate.py`` measures (``answer.distill=False``: the prompt
+without the distillation step, for the "without memory distillation" ablation). They are
+tokenized once through the chat template and left-padded to ONE length for the whole split (the
+sampler and the update then compile once). Rewards are computed on the host from the parsed ``**Answer:**`` line.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class PromptSet:
 def build_prompt_set(config, split: str, policy, embedder, memory_dir, *, max_questions: int = 0,
                      log=print) -> PromptSet:
     """Answer prompts for ``split`` of LoCoMo under ``config`` (``data_path``, ``memory``,
-    ``answer.top_k``, ``seed``); banks are built (or resumed) under ``memory_dir``."""
+    ``answer.top_k``, ``answer.distill`` (absent = True), ``seed``); banks are built (or
+    resumed) under ``memory_dir``."""
     sel_cfg = {"data_path": config.get("data_path", ""), "split": split,
                "max_questions_per_conversation": max_questions,
                "question_sampling": "random" if max_questions else "first",
@@ -61,7 +63,8 @@ def build_prompt_set(config, split: str, policy, embedder, memory_dir, *, max_qu
     selected = select_locomo(ml_collections.ConfigDict(sel_cfg))
     builder = MemoryBuilder(PipelineConfig.from_mapping(config.memory), embedder, policy)
     memories = build_all(builder, [c for c, _ in selected], memory_dir, progress=False, log=log)
-    agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k)
+    agent = AnswerAgent(policy, embedder, top_k=config.answer.top_k,
+                        distill=config.answer.get("distill", True))
     prompts, qas = [], []
     for conv, conv_qas in selected:
         prompts += agent.memory_prompts(conv, memories[conv.sample_id],

@@ -20,7 +20,8 @@ fact), and all ``P * G``
 ops are applied at once, each to its own copy of the sample's prefix bank, by one jitted
 ``vmap`` (:func:`apply_sample_ops`; the copies never see each other's ops). The frozen Answer
 Agent then answers every linked question from each resulting pair of banks (its usual prompt:
-top-``answer.top_k`` memories per speaker), greedily, and the reward of an output is the mean
+top-``answer.top_k`` memories per speaker; without the distillation step when
+``answer.distill`` is False), greedily, and the reward of an output is the mean
 over its linked QAs of ``config.reward`` (EM, the paper's, plus optional F1), minus
 ``reward.invalid_penalty`` when the op was malformed or refused (it is then applied as NOOP).
 Identical answer prompts (e.g. every NOOP of one fact) are answered once.
@@ -285,7 +286,8 @@ class ManagerTask:
     """The Memory Manager's RL task (:class:`mr1.rl.trainer.RLTask`).
 
     ``answer_fn(prompts) -> outputs`` answers Answer-Agent prompts (default: greedy generation
-    with ``answer_params``, the frozen Answer Agent).
+    with ``answer_params``, the frozen Answer Agent); ``answer_distill`` picks their form
+    (:func:`mr1.agents.prompts.answer_form`: with or without the distillation step).
     """
 
     train: ManagerData
@@ -302,6 +304,7 @@ class ManagerTask:
     eval_batch_size: int = 16
     answer_params: object = None
     answer_fn: Callable[[list[str]], list[str]] | None = None
+    answer_distill: bool = True
     name = "Memory Manager"
     best_metric = "val_f1"
     curve_panels = MANAGER_PANELS
@@ -398,8 +401,9 @@ class ManagerTask:
                             else:
                                 items.append((m.timestamps[slot], m.texts[slot] or ""))
                         per_speaker.append(items)
-                    prompt_rows[j].append(PR.answer_prompt(qa.question, conv.speaker_a,
-                                                           conv.speaker_b, *per_speaker))
+                    prompt_rows[j].append(PR.answer_prompt(
+                        qa.question, conv.speaker_a, conv.speaker_b, *per_speaker,
+                        form=PR.answer_form(self.answer_distill)))
                     golds[j].append(qa.answer)
         flat = [p for rows in prompt_rows for p in rows]
         unique = list(dict.fromkeys(flat))
@@ -556,6 +560,7 @@ def train_memory(config, workdir, *, policy=None, embedder=None, answer_fn=None,
             config.manager.max_new_tokens, config.answer.top_k,
             answer_max_new_tokens=config.answer.max_new_tokens,
             answer_batch_size=config.answer.batch_size, eval_batch_size=config.eval.batch_size,
-            answer_params=answer_params, answer_fn=answer_fn)
+            answer_params=answer_params, answer_fn=answer_fn,
+            answer_distill=config.answer.get("distill", True))
 
     return build_then_train(config, workdir, build, policy=policy, log=log)
