@@ -14,6 +14,7 @@ checked against its target mesh without any weights (fake CPU devices suffice).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 import jax
@@ -93,9 +94,16 @@ class Plan:
 def model_config(config) -> ModelConfig:
     """The config's model shapes: ``model_preset`` or, for named presets, ``model``."""
     name = config.get("model_preset", "") or config.model
-    if name in ("smollm2-135m-instruct",):
-        name = "smollm2-135m"
-    cfg = get_config(name)
+    folder = pathlib.Path(str(name)).expanduser()
+    if (folder / "config.json").is_file():  # an HF checkpoint folder: its config.json only
+        from mr1.models.weights import config_from_hf
+        cfg = config_from_hf(folder)
+    else:
+        try:
+            cfg = get_config(name)
+        except KeyError as e:
+            raise ValueError(f"cannot plan model {name!r}: set config.model_preset to a "
+                             "ModelConfig preset or config.model to an HF folder") from e
     if config.get("compute_dtype", ""):
         cfg = cfg.replace(compute_dtype=config.compute_dtype)
     chunk = int((config.get("parallel") or {}).get("attention_chunk", 0) or 0)

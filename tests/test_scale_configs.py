@@ -166,3 +166,23 @@ def test_every_config_compiles_on_its_target_mesh(devices):
     assert sorted(out["configs"]) == sorted(names)
     for name, info in out["configs"].items():
         assert info["devices"] == devices and info["text"], name
+
+
+def test_plans_read_an_hf_folder_config_json(tmp_path):
+    """A config whose model is an HF checkpoint folder is planned from its config.json alone
+    (no weights); a name that is neither a preset nor a folder is a clear error."""
+    from mr1.planning import make_plan
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "vocab_size": 1024, "hidden_size": 128,
+        "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "max_position_embeddings": 4096}))
+    config = PAPER["get_config"]("locomo_train,qwen2.5-3b,grpo,answer")
+    config.model, config.model_preset = str(tmp_path), ""
+    plan = make_plan(config)
+    assert plan.num_params == 1024 * 128 * 2 + 3 * (128 * 128 * 2 + 2 * 128 * 64 + 128 + 2 * 64
+                                                    + 3 * 128 * 256 + 2 * 128) + 128
+    config.model = "no-such-model"
+    with pytest.raises(ValueError, match="model_preset"):
+        make_plan(config)
