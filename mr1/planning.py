@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from mr1 import parallel
 from mr1.models import transformer
-from mr1.models.config import ModelConfig, get_config
+from mr1.models.config import ModelConfig, execution_overrides, get_config
 
 GiB = 1024 ** 3
 # Memory per device (GiB) of the accelerators plan.py knows.
@@ -104,10 +104,7 @@ def model_config(config) -> ModelConfig:
         except KeyError as e:
             raise ValueError(f"cannot plan model {name!r}: set config.model_preset to a "
                              "ModelConfig preset or config.model to an HF folder") from e
-    if config.get("compute_dtype", ""):
-        cfg = cfg.replace(compute_dtype=config.compute_dtype)
-    chunk = int((config.get("parallel") or {}).get("attention_chunk", 0) or 0)
-    return cfg.replace(attention_chunk=chunk) if chunk else cfg
+    return cfg.replace(**execution_overrides(config))
 
 
 def is_train_config(config) -> bool:

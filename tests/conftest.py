@@ -30,6 +30,16 @@ def embedded_policy(embedded_gguf):
 
 
 @pytest.fixture(scope="session")
+def locomo_available():
+    """Skips (with the reason) when LoCoMo (locomo10.json) cannot be found."""
+    from mr1.data import locomo
+    try:
+        locomo.load_locomo()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"LoCoMo data unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
 def torch_mod():
     return pytest.importorskip("torch", reason="torch is the test-only parity reference")
 

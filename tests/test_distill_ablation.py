@@ -19,7 +19,7 @@ from mr1.agents.pipeline import MemoryBuilder, PipelineConfig
 from mr1.data.records import QA
 from tests.rl_driver import HashEmbedder
 from tests.test_agents import conversation, fake_generate
-from tests.test_evaluate import _config, _module, locomo_available  # noqa: F401 (fixture)
+from tests.test_evaluate import _config, _module
 
 ANSWER_LINE = "**Answer:** <answer in under 6 words>"
 LIST_STEP = "First list the memories that are relevant to the question."
@@ -123,7 +123,7 @@ def _eval(tmp_path, tiny_policy, config):
     return out, json.loads(out["paths"]["json"].read_text()), [p for c in gen.calls for p in c]
 
 
-def test_evaluate_without_distillation_records_the_flag(tmp_path, locomo_available,  # noqa: F811
+def test_evaluate_without_distillation_records_the_flag(tmp_path, locomo_available,
                                                         tiny_policy):
     config = _config()
     config.answer.distill = False
@@ -174,7 +174,7 @@ def smollm2_tiny(embedded_gguf):
     return load_policy("tiny-smollm2", tokenizer=load_tokenizer_from_gguf(embedded_gguf), seed=0)
 
 
-def test_answer_rl_prompts_follow_the_switch(tmp_path, locomo_available, smollm2_tiny):  # noqa: F811
+def test_answer_rl_prompts_follow_the_switch(tmp_path, locomo_available, smollm2_tiny):
     import runpy
 
     from mr1.rl.answer_task import build_prompt_set

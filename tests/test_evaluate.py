@@ -38,15 +38,6 @@ def _config(name="evaluate_locomo_tiny", **overrides):
     return c
 
 
-@pytest.fixture(scope="module")
-def locomo_available():
-    from mr1.data import locomo
-    try:
-        locomo.load_locomo()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"LoCoMo data unavailable: {e}")
-
-
 COLUMNS = {"question", "gold", "prediction", "category", "f1", "bleu1", "em", "j",
            "answer_line_missing", "num_invalid_ops"}
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.rl_driver import HashEmbedder
 from tests.test_agents import fake_generate
-from tests.test_evaluate import _config, _module, locomo_available  # noqa: F401 (fixture)
+from tests.test_evaluate import _config, _module
 
 OFFSETS = {"": 0.0, "A": 1.0, "B": 2.0}   # checkpoint name -> params = base + offset
 
@@ -94,7 +94,7 @@ def _memory_config(manager="llm", manager_checkpoint="", checkpoint="", **overri
 @pytest.mark.parametrize("manager_ckpt, answer_ckpt",
                          [("", ""), ("A", ""), ("", "B"), ("A", "B"), ("A", "A")])
 def test_manager_and_answer_checkpoints_go_to_their_component(
-        tmp_path, locomo_available, tiny_policy, checkpoints, manager_ckpt, answer_ckpt):  # noqa: F811
+        tmp_path, locomo_available, tiny_policy, checkpoints, manager_ckpt, answer_ckpt):
     ev = _module("evaluate")
     gen = recording_generate(tiny_policy)
     config = _memory_config(manager_checkpoint=checkpoints[manager_ckpt],
@@ -113,7 +113,7 @@ def test_manager_and_answer_checkpoints_go_to_their_component(
                        "model": config.model, "facts": "observations"}
 
 
-def test_memory_dir_of_another_manager_is_refused(tmp_path, locomo_available, tiny_policy,  # noqa: F811
+def test_memory_dir_of_another_manager_is_refused(tmp_path, locomo_available, tiny_policy,
                                                   checkpoints):
     ev = _module("evaluate")
     kw = {"policy": tiny_policy, "embedder": HashEmbedder(),
@@ -139,7 +139,7 @@ def test_memory_dir_of_another_manager_is_refused(tmp_path, locomo_available, ti
     assert json.loads((tmp_path / "memory" / "manager.json").read_text())["manager"] == "add_all"
 
 
-def test_results_sum_the_manager_ops(tmp_path, locomo_available, tiny_policy):  # noqa: F811
+def test_results_sum_the_manager_ops(tmp_path, locomo_available, tiny_policy):
     from mr1.agents.pipeline import load_memory
     from mr1.metrics_io import op_counts_from_results
 

@@ -20,7 +20,7 @@ from mr1.data.longmemeval import QUESTION_TYPES
 from tests.rl_driver import HashEmbedder
 from tests.test_agents import fake_generate
 from tests.test_data_msc import SELF_INSTRUCT_ROW
-from tests.test_evaluate import _config, _module, locomo_available  # noqa: F401 (fixture)
+from tests.test_evaluate import _config, _module
 
 
 def lme_record(qid, qtype, question, answer, facts):
@@ -121,7 +121,7 @@ def test_select_msc(tmp_path):
     assert sel[0][0].observations and len(sel[0][0].sessions) == 3
 
 
-def test_select_locomo_default_and_wrapper(locomo_available):  # noqa: F811
+def test_select_locomo_default_and_wrapper(locomo_available):
     base = {"split": "validation", "max_questions_per_conversation": 5,
             "question_sampling": "random"}
     legacy = _sel(**base)                                    # no benchmark field at all

@@ -26,15 +26,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def locomo_available():
-    from mr1.data import locomo
-    try:
-        locomo.load_locomo()
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"LoCoMo data unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def minilm_available():
     from mr1 import assets
     try:

@@ -46,7 +46,7 @@ New fact: {fact}
 Reply with JSON only, for example:
 {{"memory": [{{"id": "0", "text": "...", "event": "UPDATE", "old_memory": "..."}}]}}"""
 
-ANSWER_AGENT = """You answer a question about a conversation between {speaker_a} and \
+_ANSWER_MEMORIES = """You answer a question about a conversation between {speaker_a} and \
 {speaker_b}, using their memories.
 
 Memories of {speaker_a}:
@@ -56,7 +56,10 @@ Memories of {speaker_b}:
 {memories_b}
 
 Question: {question}
-First list the memories that are relevant to the question. Then write one final line:
+"""  # the memories layout both Answer Agent prompts share
+
+ANSWER_AGENT = _ANSWER_MEMORIES + """First list the memories that are relevant to the question. \
+Then write one final line:
 {marker} <answer in under 6 words>"""
 
 
@@ -115,17 +118,7 @@ def memory_manager_prompt(speaker: str, fact: str, memories: Sequence[tuple[int 
                                         memories=format_memories(memories))
 
 
-ANSWER_AGENT_DIRECT = """You answer a question about a conversation between {speaker_a} and \
-{speaker_b}, using their memories.
-
-Memories of {speaker_a}:
-{memories_a}
-
-Memories of {speaker_b}:
-{memories_b}
-
-Question: {question}
-Reply with one line only:
+ANSWER_AGENT_DIRECT = _ANSWER_MEMORIES + """Reply with one line only:
 {marker} <answer in under 6 words>"""
 
 ANSWER_PROMPTS = {"distill": ANSWER_AGENT, "direct": ANSWER_AGENT_DIRECT}

@@ -100,6 +100,18 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def execution_overrides(run_config) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields an experiment config sets on top of the weights' own:
+    ``compute_dtype`` and ``parallel.attention_chunk`` (same weights, another execution)."""
+    changes: dict[str, Any] = {}
+    if run_config.get("compute_dtype", ""):
+        changes["compute_dtype"] = run_config["compute_dtype"]
+    chunk = int((run_config.get("parallel") or {}).get("attention_chunk", 0) or 0)
+    if chunk:
+        changes["attention_chunk"] = chunk
+    return changes
+
+
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
 

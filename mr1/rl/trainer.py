@@ -68,6 +68,7 @@ def load_policy_from_config(config):
     import jax.numpy as jnp
 
     from mr1.models import load_policy
+    from mr1.models.config import execution_overrides
     from mr1.models.policy import load_tokenizer_from_gguf
 
     tokenizer = None
@@ -78,9 +79,7 @@ def load_policy_from_config(config):
         tokenizer = load_tokenizer_from_gguf(path)
     policy = load_policy(config.model, tokenizer=tokenizer, seed=config.seed,
                          dtype=jnp.dtype(config.get("param_dtype", "float32")))
-    changes = {k: config[k] for k in ("compute_dtype",) if config.get(k, "")}
-    if (config.get("parallel") or {}).get("attention_chunk", 0):
-        changes["attention_chunk"] = int(config.parallel.attention_chunk)
+    changes = execution_overrides(config)
     if changes:  # execution knobs of the model config (same weights)
         policy = dataclasses.replace(policy, config=policy.config.replace(**changes))
     return policy
