@@ -138,6 +138,91 @@ def test_delete_then_update_same_slot_is_refused_not_raised():
     assert mem.stats.refused == {"bad_target": 1}
 
 
+def _renamed(conv, sample_id, sessions=None):
+    """``conv`` under another id (optionally only its first ``sessions`` sessions)."""
+    return Conversation(sample_id, conv.speaker_a, conv.speaker_b,
+                        conv.sessions[:sessions] if sessions else conv.sessions, conv.qas,
+                        conv.observations)
+
+
+def _echo_manager(prompt):
+    """UPDATE memory 0 when a fact names a city and one is shown, else ADD the fact; facts
+    extracted by echoing the turn."""
+    if "New fact: " not in prompt:                     # fact extraction: echo the turn
+        return "- " + prompt.split("\n\nFacts:")[0].rsplit("\n", 1)[-1]
+    fact = prompt.split("New fact: ")[1].split("\n")[0]
+    if "Rome" in fact and "[0]" in prompt:
+        return '{"memory": [{"id": "0", "text": "' + fact + '", "event": "UPDATE"}]}'
+    return '{"memory": [{"id": "0", "text": "' + fact + '", "event": "ADD"}]}'
+
+
+@pytest.mark.parametrize("facts", ["observations", "llm"])
+def test_lockstep_build_equals_one_at_a_time(facts, tmp_path):
+    """build_many over 3 conversations (one shorter) makes the banks build() makes alone,
+    with one generate call per lockstep stage instead of one per conversation and stage."""
+    from mr1.agents.pipeline import build_all
+
+    conv = conversation()
+    convs = [_renamed(conv, "a"), _renamed(conv, "b", sessions=1), _renamed(conv, "c")]
+    cfg = PipelineConfig(facts=facts, manager="llm", num_slots=8, max_len=16)
+    policy = types.SimpleNamespace(tokenizer=None, pad_token_id=0)
+    alone_gen = fake_generate(_echo_manager)
+    alone = [MemoryBuilder(cfg, HashEmbedder(), policy=policy, generate_fn=alone_gen).build(c)
+             for c in convs]
+    gen = fake_generate(_echo_manager)
+    together = MemoryBuilder(cfg, HashEmbedder(), policy=policy, generate_fn=gen).build_many(
+        convs)
+    stages = 2 if facts == "llm" else 1                # extraction + manager per session
+    assert len(alone_gen.calls) == stages * (2 + 1 + 2)
+    assert len(gen.calls) == stages * 2                # one per stage of the 2 lockstep steps
+    for a, t in zip(alone, together):
+        assert a.sample_id == t.sample_id
+        assert [s.items() for s in a.speakers] == [s.items() for s in t.speakers]
+        assert a.stats.to_dict() == t.stats.to_dict()
+        for sa, st in zip(a.speakers, t.speakers):
+            np.testing.assert_array_equal(sa.bank.tokens, st.bank.tokens)
+    assert together[0].stats.ops["UPDATE"] == 1        # Bob moved to Rome: memory rewritten
+    assert together[1].stats.ops.get("UPDATE", 0) == 0  # "b" stops after session 1
+
+    # build_all with conversations_per_batch=2: groups [a, b], [c]; all saved, same banks
+    cfg2 = PipelineConfig(facts=facts, manager="llm", num_slots=8, max_len=16,
+                          conversations_per_batch=2)
+    gen2 = fake_generate(_echo_manager)
+    out = build_all(MemoryBuilder(cfg2, HashEmbedder(), policy=policy, generate_fn=gen2),
+                    convs, tmp_path, progress=False, log=lambda s: None)
+    assert list(out) == ["a", "b", "c"] and len(gen2.calls) == stages * (2 + 2)
+    for a in alone:
+        assert is_done(tmp_path, a.sample_id)
+        assert [s.items() for s in load_memory(tmp_path, a.sample_id).speakers] == \
+            [s.items() for s in a.speakers]
+
+
+def test_lockstep_saves_a_short_conversation_before_the_group_ends(tmp_path):
+    """on_done fires when a conversation's last session is applied: an interruption in a
+    later session of the group keeps the shorter conversation's banks."""
+    from mr1.agents.pipeline import build_all
+
+    conv = conversation()
+    convs = [_renamed(conv, "long"), _renamed(conv, "short", sessions=1)]
+
+    def interrupting(prompt):
+        if "Rome" in prompt:                            # session 2 of "long" only
+            raise KeyboardInterrupt("simulated interruption")
+        return _echo_manager(prompt)
+
+    cfg = PipelineConfig(manager="llm", num_slots=8, max_len=16)
+    builder = MemoryBuilder(cfg, HashEmbedder(), policy=types.SimpleNamespace(
+        tokenizer=None, pad_token_id=0), generate_fn=fake_generate(interrupting))
+    with pytest.raises(KeyboardInterrupt):
+        build_all(builder, convs, tmp_path, progress=False, log=lambda s: None)
+    assert is_done(tmp_path, "short") and not is_done(tmp_path, "long")
+
+
+def test_conversations_per_batch_must_be_positive():
+    with pytest.raises(ValueError, match="conversations_per_batch"):
+        PipelineConfig(conversations_per_batch=0)
+
+
 def test_save_load_roundtrip(tmp_path):
     mem = MemoryBuilder(PipelineConfig(num_slots=8, max_len=16), HashEmbedder()).build(
         conversation())

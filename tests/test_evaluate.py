@@ -107,3 +107,21 @@ def test_build_memory_resume_skips_finished(tmp_path, locomo_available, monkeypa
     assert set(stats) == {first, built[0]}
     assert (mem_dir / first / "memory.json").stat().st_mtime_ns == stamp
     assert all((mem_dir / s / "DONE").is_file() for s in stats)
+
+
+def test_cpu_table_config_picks_the_method():
+    """``evaluate_locomo_cpu.py:<method>``: one set of CPU-scale answer settings, the method's
+    own overrides, the full split; an unknown method is an error naming the choices."""
+    path = str(ROOT / "experiments" / "configs" / "evaluate_locomo_cpu.py")
+    get = runpy.run_path(path)["get_config"]
+    configs = {m: get(m) for m in ("memory", "mem0", "rag", "full_context")}
+    for c in configs.values():
+        assert (c.answer.top_k, c.answer.max_new_tokens, c.max_questions_per_conversation) == \
+            (5, 32, 0)
+    assert configs["memory"].method == "memory" and configs["memory"].memory.manager == "add_all"
+    assert configs["mem0"].memory.manager == "llm"
+    assert configs["mem0"].memory.manager_format == "json"
+    assert configs["rag"].method == "rag" and configs["rag"].rag_top_k == 10
+    assert configs["full_context"].method == "full_context"
+    with pytest.raises(ValueError, match="unknown method 'bm25'"):
+        get("bm25")

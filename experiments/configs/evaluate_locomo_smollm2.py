@@ -45,6 +45,7 @@ def get_config():
     c.memory.max_facts_per_turn = 4     # extracted facts kept per turn
     c.memory.max_sessions = 0           # only the first N sessions (0 = all; quick runs)
     c.memory.batch_size = 32            # manager/extraction prompts per generate call
+    c.memory.conversations_per_batch = 8  # conversations built in lockstep (LLM facts/manager)
 
     c.answer = ml_collections.ConfigDict()
     c.answer.top_k = 30                 # memories per speaker (paper: 30 -> 60 in total)

@@ -18,6 +18,13 @@ Batching a session's manager calls means the memories shown for a fact are those
 at the *start* of the session (facts of the same session do not see each other); an op whose
 target an earlier op of the same session deleted is refused by the bank and counted.
 
+**Across conversations.** With an LLM in the loop, :func:`build_all` builds
+``conversations_per_batch`` conversations in lockstep (:meth:`MemoryBuilder.build_many`):
+session ``i`` of every one of them shares one batched ``generate`` call per stage, so the
+batches are full (a LoCoMo session has ~10 facts, the batch 32) and fewer shapes compile. Each
+conversation still sees only its own banks and sessions in order, so the banks are the ones
+:meth:`MemoryBuilder.build` makes alone (greedy decoding; up to float noise from the padding).
+
 **Text storage.** The bank holds token ids (``tokens [S, L]``), truncated to ``max_len``. The
 full memory text is kept host-side in :class:`SpeakerMemory` (``texts[slot]``, with the session
 date in ``timestamps[slot]``), updated from each op's :class:`~mr1.memory.bank.OpResult`
@@ -72,12 +79,16 @@ class PipelineConfig:
     max_facts_per_turn: int = 4        # extracted facts kept per turn ("llm" facts)
     max_sessions: int | None = None    # only the first N sessions (quick runs)
     batch_size: int = 32               # prompts per generate call
+    conversations_per_batch: int = 8   # conversations built in lockstep (LLM facts/manager)
 
     def __post_init__(self):
         if self.facts not in FACT_MODES:
             raise ValueError(f"facts must be one of {FACT_MODES}, got {self.facts!r}")
         if self.manager not in MANAGER_MODES:
             raise ValueError(f"manager must be one of {MANAGER_MODES}, got {self.manager!r}")
+        if self.conversations_per_batch < 1:
+            raise ValueError("conversations_per_batch must be >= 1, got "
+                             f"{self.conversations_per_batch}")
         if self.manager_format not in P.MANAGER_PROMPTS:
             raise ValueError(f"manager_format must be one of {sorted(P.MANAGER_PROMPTS)}, "
                              f"got {self.manager_format!r}")
@@ -233,19 +244,28 @@ class MemoryBuilder:
         if (config.facts == "llm" or config.manager == "llm") and policy is None:
             raise ValueError("llm facts/manager need a policy")
 
+    @property
+    def uses_llm(self) -> bool:
+        """Whether building calls the LLM (then conversations are worth building in lockstep)."""
+        return self.cfg.facts == "llm" or self.cfg.manager == "llm"
+
     # -- facts
     def session_facts(self, conv: Conversation, session) -> list[tuple[str, str]]:
         """``(speaker, fact)`` pairs of one session."""
+        return self._facts_many([(conv, session)])[0]
+
+    def _facts_many(self, pairs) -> list[list[tuple[str, str]]]:
+        """``(speaker, fact)`` pairs of each ``(conversation, session)``; LLM extraction of all
+        their turns goes through one batched generate."""
         if self.cfg.facts == "observations":
-            return [(o.speaker, o.text) for o in conv.observations
-                    if o.session_idx == session.idx]
-        turns = [t for t in session.turns if t.text.strip()]
-        if not turns:
-            return []
-        texts = self._generate([P.fact_extraction_prompt(t.speaker, t.text, session.date)
-                                for t in turns], self.cfg.extract_max_new_tokens)
-        return [(t.speaker, f) for t, out in zip(turns, texts)
-                for f in parse_facts(out, self.cfg.max_facts_per_turn)]
+            return [[(o.speaker, o.text) for o in conv.observations
+                     if o.session_idx == session.idx] for conv, session in pairs]
+        turns = [[t for t in session.turns if t.text.strip()] for _, session in pairs]
+        prompts = [P.fact_extraction_prompt(t.speaker, t.text, session.date)
+                   for (_, session), ts in zip(pairs, turns) for t in ts]
+        texts = iter(self._generate(prompts, self.cfg.extract_max_new_tokens) if prompts else [])
+        return [[(t.speaker, f) for t in ts
+                 for f in parse_facts(next(texts), self.cfg.max_facts_per_turn)] for ts in turns]
 
     def _generate(self, prompts: list[str], max_new_tokens: int, **kw) -> list[str]:
         out = []
@@ -255,28 +275,62 @@ class MemoryBuilder:
                                       temperature=0.0, **kw).texts)
         return out
 
-    # -- one conversation
+    # -- conversations
     def build(self, conv: Conversation) -> ConversationMemory:
+        """The banks of one conversation."""
+        return self.build_many([conv])[0]
+
+    def build_many(self, convs: Sequence[Conversation],
+                   on_session: Callable[[int], None] | None = None,
+                   on_done: Callable[[ConversationMemory], None] | None = None,
+                   ) -> list[ConversationMemory]:
+        """The banks of several conversations, built in lockstep: session ``i`` of each of them
+        shares one batched generate per stage (see the module docstring).
+
+        ``on_session(n)`` is called after each lockstep step with the number of sessions it
+        processed (progress bars); ``on_done(memory)`` as soon as a conversation's last session
+        is applied (saving it then, a conversation shorter than the others survives an
+        interruption of the group).
+        """
         pad = getattr(self.policy, "pad_token_id", 0) if self.policy is not None else 0
         dim = int(getattr(self.embedder, "dim", 384))
-        mems = [new_speaker_memory(conv.speaker_a, 0, self.cfg, dim, pad),
-                new_speaker_memory(conv.speaker_b, 1, self.cfg, dim, pad)]
-        by_name = {m.name: m for m in mems}
-        stats = BuildStats()
-        sessions = conv.sessions[: self.cfg.max_sessions] if self.cfg.max_sessions else conv.sessions
-        for session in sessions:
-            facts = self.session_facts(conv, session)
-            kept = [(by_name[s], f) for s, f in facts if s in by_name and f.strip()]
-            stats.skipped_facts += len(facts) - len(kept)
-            if not kept:
-                continue
-            stats.facts += len(kept)
-            emb = np.asarray(self.embedder.encode([f for _, f in kept]), np.float32)
-            if self.cfg.manager == "add_all":
-                self._add_all(kept, emb, session.date, stats)
-            else:
-                self._llm_manage(kept, emb, session.date, stats)
-        return ConversationMemory(conv.sample_id, mems, stats)
+        out, schedules = [], []
+        for conv in convs:
+            mems = [new_speaker_memory(conv.speaker_a, 0, self.cfg, dim, pad),
+                    new_speaker_memory(conv.speaker_b, 1, self.cfg, dim, pad)]
+            out.append(ConversationMemory(conv.sample_id, mems, BuildStats()))
+            n = self.cfg.max_sessions
+            schedules.append(conv.sessions[:n] if n else conv.sessions)
+        for step in range(max(map(len, schedules), default=0)):
+            active = [i for i, sched in enumerate(schedules) if step < len(sched)]
+            facts = self._facts_many([(convs[i], schedules[i][step]) for i in active])
+            to_manage = []
+            for i, session_facts in zip(active, facts):
+                mem, date = out[i], schedules[i][step].date
+                by_name = {m.name: m for m in mem.speakers}
+                kept = [(by_name[s], f) for s, f in session_facts if s in by_name and f.strip()]
+                mem.stats.skipped_facts += len(session_facts) - len(kept)
+                if not kept:
+                    continue
+                mem.stats.facts += len(kept)
+                emb = np.asarray(self.embedder.encode([f for _, f in kept]), np.float32)
+                if self.cfg.manager == "add_all":
+                    self._add_all(kept, emb, date, mem.stats)
+                else:
+                    to_manage.append((kept, emb, date, mem.stats))
+            if to_manage:
+                self._llm_manage_many(to_manage)
+            if on_session is not None:
+                on_session(len(active))
+            if on_done is not None:
+                for i in active:
+                    if step == len(schedules[i]) - 1:
+                        on_done(out[i])
+        if on_done is not None:
+            for i, sched in enumerate(schedules):
+                if not sched:
+                    on_done(out[i])
+        return out
 
     def _add_all(self, kept, emb, date, stats):
         per_speaker = collections.defaultdict(list)
@@ -289,40 +343,48 @@ class MemoryBuilder:
                                   pad_id=mem.bank.pad_id) for _, f, e in rows]
             apply_ops(mem, B.stack_actions(acts), [f for _, f, _ in rows], date, stats)
 
-    def _llm_manage(self, kept, emb, date, stats):
+    def _manager_prompts(self, kept, emb) -> tuple[list[str], list[list[int]]]:
+        """One session's Memory Manager prompts and, per fact, the slots shown (display id
+        ``d`` is ``slots[d]``), retrieved from the bank at the start of the session."""
         k = self.cfg.retrieve_k
-        shown: list[list[int]] = []
-        prompts = []
         retrieved = {}
         for mem in {id(m): m for m, _ in kept}.values():
             rows = [i for i, (m, _) in enumerate(kept) if m is mem]
             r = jax.device_get(_retrieve_many(mem.bank, jnp.asarray(emb[rows]), k))
             for j, i in enumerate(rows):
                 retrieved[i] = [int(s) for s, ok in zip(r.indices[j], r.mask[j]) if ok]
-        for i, (mem, fact) in enumerate(kept):
-            slots = retrieved[i]
-            shown.append(slots)
-            prompts.append(P.memory_manager_prompt(
-                mem.name, fact, [(d, mem.texts[s] or "") for d, s in enumerate(slots)],
-                form=self.cfg.manager_format))
+        shown = [retrieved[i] for i in range(len(kept))]
+        prompts = [P.memory_manager_prompt(
+            mem.name, fact, [(d, mem.texts[s] or "") for d, s in enumerate(slots)],
+            form=self.cfg.manager_format) for (mem, fact), slots in zip(kept, shown)]
+        return prompts, shown
+
+    def _llm_manage_many(self, sessions):
+        """Manager ops for the sessions ``[(kept, emb, date, stats)]`` of different
+        conversations: one batched generate for all their facts, then each session's ops
+        are applied to its own banks in fact order."""
+        built = [self._manager_prompts(kept, emb) for kept, emb, _, _ in sessions]
+        prompts = [p for ps, _ in built for p in ps]
         choice = self.cfg.manager_format == "op"
-        outs = (self._generate(prompts, 1, allowed_tokens=op_choice_tokens(self.tokenize))
-                if choice else self._generate(prompts, self.cfg.manager_max_new_tokens))
-        stats.manager_calls += len(prompts)
-        for (mem, fact), slots, out in zip(kept, shown, outs):
-            if choice:  # one constrained word; target (id 0) and text follow from the fact
-                op = parse_op_choice(out, fact, [mem.texts[s] or "" for s in slots])
-                parsed = ParseResult((op,), "choice")
-            else:
-                parsed = parse_ops(out, valid_ids=range(len(slots)))
-            for reason in parsed.reasons:
-                stats.invalid[reason.value] += 1
-            ops: list[ParsedOp] = list(parsed.ops)
-            actions = ops_to_actions(ops, self.tokenize, max_len=self.cfg.max_len,
-                                     dim=emb.shape[1], embed=self._embed_texts,
-                                     speaker=mem.index, pad_id=mem.bank.pad_id,
-                                     id_to_slot=dict(enumerate(slots)))
-            apply_ops(mem, actions, [o.text for o in ops], date, stats)
+        outs = iter(self._generate(prompts, 1, allowed_tokens=op_choice_tokens(self.tokenize))
+                    if choice else self._generate(prompts, self.cfg.manager_max_new_tokens))
+        for (kept, emb, date, stats), (ps, shown) in zip(sessions, built):
+            stats.manager_calls += len(ps)
+            for (mem, fact), slots in zip(kept, shown):
+                out = next(outs)
+                if choice:  # one constrained word; target (id 0) and text follow from the fact
+                    op = parse_op_choice(out, fact, [mem.texts[s] or "" for s in slots])
+                    parsed = ParseResult((op,), "choice")
+                else:
+                    parsed = parse_ops(out, valid_ids=range(len(slots)))
+                for reason in parsed.reasons:
+                    stats.invalid[reason.value] += 1
+                ops: list[ParsedOp] = list(parsed.ops)
+                actions = ops_to_actions(ops, self.tokenize, max_len=self.cfg.max_len,
+                                         dim=emb.shape[1], embed=self._embed_texts,
+                                         speaker=mem.index, pad_id=mem.bank.pad_id,
+                                         id_to_slot=dict(enumerate(slots)))
+                apply_ops(mem, actions, [o.text for o in ops], date, stats)
 
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self.embedder.encode(list(texts)), np.float32)
@@ -426,26 +488,58 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
               log: Callable[[str], None] = print) -> dict[str, ConversationMemory]:
     """Builds (or loads, when already done under ``directory``) every conversation's memory.
 
-    With ``directory=None`` nothing is saved or resumed.
+    Conversations that call the LLM are built ``conversations_per_batch`` at a time in
+    lockstep (:meth:`MemoryBuilder.build_many`, a progress bar over sessions); each is saved
+    as soon as its last session is applied, and a rerun resumes from the saved ones. With
+    ``directory=None`` nothing is saved or resumed.
     """
-    it = convs
-    if progress:
-        try:
-            from tqdm import tqdm
-            it = tqdm(convs, desc="memory", unit="conv")
-        except ImportError:  # pragma: no cover
-            pass
-    out = {}
-    for conv in it:
+    out, todo = {}, []
+    for conv in convs:
         if directory is not None and is_done(directory, conv.sample_id):
             log(f"{conv.sample_id}: done, loading")
             out[conv.sample_id] = load_memory(directory, conv.sample_id)
-            continue
-        mem = builder.build(conv)
+        else:
+            todo.append(conv)
+    lockstep = builder.uses_llm
+    per = builder.cfg.conversations_per_batch if lockstep else 1
+    limit = builder.cfg.max_sessions or None
+    total = sum(len(c.sessions[:limit]) for c in todo) if lockstep else len(todo)
+    bar = _progress_bar(progress and bool(todo), total, "memory",
+                        "session" if lockstep else "conv")
+
+    def finish(mem: ConversationMemory) -> None:
         if directory is not None:
             save_memory(mem, directory)
-        out[conv.sample_id] = mem
-    return out
+        out[mem.sample_id] = mem
+
+    for start in range(0, len(todo), per):
+        group = todo[start:start + per]
+        if lockstep:
+            builder.build_many(group, on_session=bar.update, on_done=finish)
+        else:
+            finish(builder.build(group[0]))
+            bar.update(1)
+    bar.close()
+    return {c.sample_id: out[c.sample_id] for c in convs}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool, total: int, desc: str, unit: str):
+    """A tqdm bar, or a stand-in with the same ``update``/``close`` when disabled."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
 # ----------------------------------------------------------------------------- data selection
