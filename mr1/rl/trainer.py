@@ -204,17 +204,27 @@ class Trainer:
             metrics.update(reward_mean=float("nan"), reward_std=float("nan"))
         return arrays, metrics
 
-    def _to_batch(self, arrays: dict) -> TS.RolloutBatch:
+    def _to_batch(self, arrays: dict, batch: TS.RolloutBatch | None = None,
+                  fields: tuple[str, ...] = ()) -> TS.RolloutBatch:
+        """The update's device batch from host ``arrays``; given the ``batch`` already on the
+        devices, only ``fields`` are sent (the rest are the same arrays)."""
         host = TS.split_microbatches(arrays, self.P, self.G, self.mb)
-        return parallel.to_global(host, self.batch_sharding)
+        if batch is None:
+            return parallel.to_global(host, self.batch_sharding)
+        return batch.replace(**{f: parallel.to_global(getattr(host, f), self.batch_sharding)
+                                for f in fields})
 
-    def advantages(self, arrays: dict) -> dict:
-        """Adds ``advantages`` (and PPO's ``returns`` / ``old_values``) to the host arrays."""
+    def advantages(self, arrays: dict) -> tuple[dict, TS.RolloutBatch | None]:
+        """Adds ``advantages`` (and PPO's ``returns`` / ``old_values``) to the host arrays.
+
+        Returns them with PPO's device batch (the value pass sent it; the update then sends
+        only the new fields), or None (GRPO).
+        """
         c, rewards = self.config, arrays["rewards"]
         if self.algo == "grpo":
             arrays["advantages"] = np.asarray(A.group_advantages(
                 rewards, self.G, normalize_std=c.loss.get("normalize_std", True)))
-            return arrays
+            return arrays, None
         batch = self._to_batch(arrays)
         values = to_host(self.score(self.state.params, batch, self.frozen)["values"]).reshape(
             arrays["tokens"].shape)
@@ -233,14 +243,14 @@ class Trainer:
             adv = (adv - mu) / (sd + 1e-6) * cm
         arrays.update(advantages=adv.astype(np.float32), returns=ret.astype(np.float32),
                       old_values=(values * cm).astype(np.float32))
-        return arrays
+        return arrays, batch
 
     # ---------------------------------------------------------------- update
     def train_step(self, step: int) -> dict:
         arrays, metrics = self.rollout(step)
-        arrays = self.advantages(arrays)
+        arrays, batch = self.advantages(arrays)
         t0 = time.time()
-        batch = self._to_batch(arrays)
+        batch = self._to_batch(arrays, batch, ("advantages", "returns", "old_values"))
         if self.ref_params is not None:
             ref = self.score(self.ref_params, batch)["logp"]
             batch = batch.replace(ref_logp=ref)
