@@ -193,7 +193,8 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
                         max_new_tokens=config.answer.max_new_tokens,
                         batch_size=config.answer.batch_size,
                         temperature=config.answer.temperature, seed=config.seed,
-                        generate_fn=generate_fn, distill=distill)
+                        generate_fn=generate_fn, distill=distill,
+                        share_prefix=config.method == "full_context")  # one context a batch
     memories = {}
     if config.method == "memory":
         memories = process_zero_first(  # several hosts: process 0 builds, the rest load

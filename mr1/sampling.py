@@ -181,17 +181,66 @@ def _prefill_sharded(params, model_cfg, prompt_ids, prompt_mask, chunk, shards):
     return rows_back(logits, 0), (rows_back(k, 1), rows_back(v, 1))
 
 
+def _decode(params, model_cfg: ModelConfig, cfg: SamplingConfig, eos, pad_id: int, kv_layout,
+            rng, *, logits, prefix, prefix_mask, cache, key_valid, offset: int, pos, done):
+    """The ``lax.while_loop`` decode shared by the samplers (traced inside their jit).
+
+    ``logits [N, V]``: the next-token logits after each row's prompt; ``prefix`` /
+    ``prefix_mask``: keys/values every group of ``N / P`` consecutive rows attends together;
+    ``cache [L, N, K, offset + max_new_tokens, hd]``: per-row keys/values, the first ``offset``
+    slots already filled (``key_valid [N, offset + new]`` marks them), generated tokens written
+    from slot ``offset``; ``pos [N]``: each row's next RoPE position; ``done [N]``: rows that
+    never sample (batch padding). Returns ``(tokens, logprobs, lengths)``.
+    """
+    new = cfg.max_new_tokens
+    n = logits.shape[0]
+    self_mask = jnp.ones((n, 1, 1), bool)
+    state = dict(i=jnp.int32(0), rng=rng, logits=logits, cache=cache, key_valid=key_valid,
+                 pos=pos, done=done, tokens=jnp.full((n, new), pad_id, jnp.int32),
+                 logprobs=jnp.zeros((n, new), jnp.float32), lengths=jnp.zeros((n,), jnp.int32))
+
+    def cond(st):
+        return (st["i"] < new) & ~jnp.all(st["done"])
+
+    def body(st):
+        rng, sub = jax.random.split(st["rng"])
+        tok, lp = sample_token(sub, st["logits"], cfg)
+        alive = ~st["done"]
+        tok = jnp.where(alive, tok, pad_id)
+        i = st["i"]
+        tokens = st["tokens"].at[:, i].set(tok)
+        logprobs = st["logprobs"].at[:, i].set(jnp.where(alive, lp, 0.0))
+        lengths = st["lengths"] + alive.astype(jnp.int32)
+        done = st["done"] | jnp.isin(tok, eos)
+        hidden, kv = transformer.forward(params, model_cfg, tok[:, None], st["pos"][:, None],
+                                         self_mask, st["cache"], st["key_valid"][:, None, :],
+                                         prefix, prefix_mask)
+        logits = transformer.logits_from_hidden(params, model_cfg, hidden[:, 0])
+        return dict(i=i + 1, rng=rng, logits=logits,
+                    cache=kv_layout(st["cache"].write(kv, offset + i)),
+                    key_valid=st["key_valid"].at[:, offset + i].set(True),
+                    pos=st["pos"] + 1, done=done, tokens=tokens, logprobs=logprobs,
+                    lengths=lengths)
+
+    out = jax.lax.while_loop(cond, body, state)
+    return out["tokens"], out["logprobs"], out["lengths"]
+
+
+def _eos_array(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tuple[int, ...]):
+    """The EOS ids as an array (-1: none); checks ``cfg.allowed_tokens`` against the vocab."""
+    bad = [t for t in cfg.allowed_tokens if not 0 <= t < model_cfg.vocab_size]
+    if bad:
+        raise ValueError(f"allowed_tokens {bad} are outside the vocabulary "
+                         f"(0..{model_cfg.vocab_size - 1})")
+    return jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tuple[int, ...],
                       pad_id: int):
     """A jitted ``(params, prompt_ids, prompt_mask, rng) -> (tokens, logprobs, lengths)``."""
     g, new = cfg.num_samples, cfg.max_new_tokens
-    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-    bad = [t for t in cfg.allowed_tokens if not 0 <= t < model_cfg.vocab_size]
-    if bad:
-        raise ValueError(f"allowed_tokens {bad} are outside the vocabulary "
-                         f"(0..{model_cfg.vocab_size - 1})")
-
+    eos = _eos_array(model_cfg, cfg, eos_ids)
     mesh = cfg.mesh
     shards = 1 if mesh is None else parallel.batch_devices(mesh)
     kv_layout = lambda kv: KVCache(  # noqa: E731  (rows over the batch axes, kv heads over tp)
@@ -209,51 +258,104 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
         # The prompt's keys/values stay one copy per prompt (a shared prefix the G samples
         # attend together); only the generated tokens get a per-sample cache.
         prefix = kv_layout(KVCache(k=prompt_kv[0], v=prompt_kv[1]))
-        prefix_mask = prompt_mask.astype(bool)
-
         rep = lambda x: jnp.repeat(x, g, axis=0) if g > 1 else x  # noqa: E731
         n = b * g
         cache = kv_layout(KVCache.zeros(model_cfg, n, new, transformer.activation_dtype(
             model_cfg, params["embed"].dtype)))
-        logits = rep(logits)
-        next_pos = rep(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32))
-        done = rep(jnp.sum(prompt_mask, axis=-1) == 0)  # batch-padding rows never sample
-        self_mask = jnp.ones((n, 1, 1), bool)
-
-        state = dict(i=jnp.int32(0), rng=rng, logits=logits, cache=cache,
-                     key_valid=jnp.zeros((n, new), bool), pos=next_pos, done=done,
-                     tokens=jnp.full((n, new), pad_id, jnp.int32),
-                     logprobs=jnp.zeros((n, new), jnp.float32),
-                     lengths=jnp.zeros((n,), jnp.int32))
-
-        def cond(st):
-            return (st["i"] < new) & ~jnp.all(st["done"])
-
-        def body(st):
-            rng, sub = jax.random.split(st["rng"])
-            tok, lp = sample_token(sub, st["logits"], cfg)
-            alive = ~st["done"]
-            tok = jnp.where(alive, tok, pad_id)
-            i = st["i"]
-            tokens = st["tokens"].at[:, i].set(tok)
-            logprobs = st["logprobs"].at[:, i].set(jnp.where(alive, lp, 0.0))
-            lengths = st["lengths"] + alive.astype(jnp.int32)
-            done = st["done"] | jnp.isin(tok, eos)
-            hidden, kv = transformer.forward(params, model_cfg, tok[:, None], st["pos"][:, None],
-                                             self_mask, st["cache"], st["key_valid"][:, None, :],
-                                             prefix, prefix_mask)
-            logits = transformer.logits_from_hidden(params, model_cfg, hidden[:, 0])
-            return dict(i=i + 1, rng=rng, logits=logits,
-                        cache=kv_layout(st["cache"].write(kv, i)),
-                        key_valid=st["key_valid"].at[:, i].set(True),
-                        pos=st["pos"] + 1, done=done, tokens=tokens, logprobs=logprobs,
-                        lengths=lengths)
-
-        out = jax.lax.while_loop(cond, body, state)
-        return out["tokens"], out["logprobs"], out["lengths"]
+        return _decode(params, model_cfg, cfg, eos, pad_id, kv_layout, rng, logits=rep(logits),
+                       prefix=prefix, prefix_mask=prompt_mask.astype(bool), cache=cache,
+                       key_valid=jnp.zeros((n, new), bool), offset=0,
+                       pos=rep(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)),
+                       done=rep(jnp.sum(prompt_mask, axis=-1) == 0))  # batch-padding rows
 
     return jax.jit(run)
 
+
+
+# ----------------------------------------------------------------------------- shared prefix
+# Prompts that share a long prefix (the full-context baseline: one conversation, many
+# questions) prefill that prefix ONCE, as a batch-1 KV cache every row attends (the grouped
+# prefix attention of the G-sample path with one group), then prefill only each row's suffix.
+# The prefix is cut at a multiple of PREFIX_BLOCK tokens so batches of one conversation hit the
+# same cached prefix (one entry, keyed by the params object and the prefix ids).
+
+PREFIX_BLOCK = 64
+_PREFIX_CACHE: dict[str, tuple] = {}
+
+
+def shared_prefix_length(prompt_ids: Sequence[Sequence[int]], block: int = PREFIX_BLOCK) -> int:
+    """The rows' longest common prefix, rounded down to a multiple of ``block`` and leaving at
+    least one token of every row as its suffix (0: none worth sharing)."""
+    if not prompt_ids:
+        return 0
+    first, n = prompt_ids[0], min(len(p) for p in prompt_ids) - 1
+    common = 0
+    while common < n and all(p[common] == first[common] for p in prompt_ids):
+        common += 1
+    return common // block * block
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_prefix_prefill(model_cfg: ModelConfig):
+    """A jitted ``(params, ids [1, S], mask [1, S]) -> KVCache [L, 1, K, S, hd]``."""
+    def run(params, ids, mask):
+        _, (k, v) = prefill(params, model_cfg, ids, mask, chunk=1)
+        return KVCache(k=k, v=v)
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_suffix_sampler(model_cfg: ModelConfig, cfg: SamplingConfig,
+                             eos_ids: tuple[int, ...], pad_id: int):
+    """A jitted ``(params, prefix KVCache [L, 1, ...], prefix_mask [1, S_p], suffix_ids [B, T],
+    suffix_mask [B, T], rng) -> (tokens, logprobs, lengths)``: every row continues the one
+    prefix with its own left-padded suffix."""
+    g = cfg.num_samples
+    eos = _eos_array(model_cfg, cfg, eos_ids)
+
+    def run(params, prefix, prefix_mask, suffix_ids, suffix_mask, rng):
+        b, t = suffix_ids.shape
+        prefix_mask = prefix_mask.astype(bool)
+        start = jnp.sum(prefix_mask, axis=-1).astype(jnp.int32)  # [1] prefix tokens
+        positions = start[:, None] + transformer.padding_positions(suffix_mask)
+        hidden, (k, v) = transformer.forward(params, model_cfg, suffix_ids, positions,
+                                             transformer.causal_mask(suffix_mask), None, None,
+                                             prefix, prefix_mask)
+        logits = transformer.logits_from_hidden(params, model_cfg, hidden[:, -1])
+        rep = lambda x: jnp.repeat(x, g, axis=0) if g > 1 else x  # noqa: E731
+        n = b * g
+        cache = KVCache.zeros(model_cfg, n, t + cfg.max_new_tokens,
+                              transformer.activation_dtype(model_cfg, params["embed"].dtype))
+        cache = cache.write((_rep_kv(k, g), _rep_kv(v, g)), 0)
+        key_valid = jnp.concatenate([rep(suffix_mask.astype(bool)),
+                                     jnp.zeros((n, cfg.max_new_tokens), bool)], axis=-1)
+        length = jnp.sum(suffix_mask, axis=-1).astype(jnp.int32)
+        return _decode(params, model_cfg, cfg, eos, pad_id, lambda kv: kv, rng,
+                       logits=rep(logits), prefix=prefix, prefix_mask=prefix_mask, cache=cache,
+                       key_valid=key_valid, offset=t, pos=rep(start[0] + length),
+                       done=rep(length == 0))
+
+    return jax.jit(run)
+
+
+def _rep_kv(x, g: int):
+    """Repeats the row axis (1) of per-layer keys/values ``[L, B, ...]`` ``g`` times."""
+    return jnp.repeat(x, g, axis=1) if g > 1 else x
+
+
+def cached_prefix_kv(policy, prefix_ids: Sequence[int], params=None) -> tuple[KVCache, np.ndarray]:
+    """The prefix's keys/values ``[L, 1, K, S, hd]`` (left-padded to a length bucket) and its
+    ``[1, S]`` mask; the last one computed is reused while the params and ids are the same."""
+    params = policy.params if params is None else params
+    key = (policy.config, tuple(int(t) for t in prefix_ids))
+    hit = _PREFIX_CACHE.get("last")
+    if hit is not None and hit[0] is params and hit[1] == key:
+        return hit[2]
+    ids, mask = left_pad([list(key[1])], policy.pad_token_id, bucket_length(len(key[1])), 1)
+    kv = _compiled_prefix_prefill(policy.config)(params, jnp.asarray(ids), jnp.asarray(mask))
+    _PREFIX_CACHE["last"] = (params, key, (kv, mask))
+    return kv, mask
 
 def sample_padded(policy, prompt_ids: np.ndarray, prompt_mask: np.ndarray, rng: jax.Array,
                   cfg: SamplingConfig, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -323,7 +425,7 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
              seed: int | jax.Array = 0, chat: bool = True, *, top_k: int = 0,
              top_p: float = 1.0, num_samples: int = 1, system_prompt: str | None = None,
              max_prompt_tokens: int | None = None, ignore_eos: bool = False,
-             allowed_tokens: tuple[int, ...] = ()) -> GenerateOutput:
+             allowed_tokens: tuple[int, ...] = (), share_prefix: bool = False) -> GenerateOutput:
     """Samples completions for ``prompts`` (strings, or lists of token ids).
 
     Args:
@@ -339,6 +441,10 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
       max_prompt_tokens: reject longer prompts (default: what fits the model's window).
       ignore_eos: always decode ``max_new_tokens`` (benchmarks).
       allowed_tokens: token ids every generated token is chosen from (constrained choices).
+      share_prefix: prompts with a common prefix of at least :data:`PREFIX_BLOCK` tokens
+        prefill it once (cached across calls while the params and prefix are the same) and
+        only their own suffixes per row: the same completions up to float rounding, far less
+        compute for long shared contexts (the full-context baseline).
 
     Raises:
       ValueError: empty input, or a prompt longer than the configured maximum.
@@ -370,9 +476,20 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature),
                           top_k=int(top_k), top_p=float(top_p), num_samples=int(num_samples),
                           allowed_tokens=tuple(int(t) for t in allowed_tokens))
-    fn = _compiled_sampler(cfg, scfg, () if ignore_eos else policy.eos_token_ids, pad)
+    eos = () if ignore_eos else policy.eos_token_ids
     rng = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
-    tokens, logprobs, lengths = jax.device_get(fn(policy.params, ids, mask, rng))
+    shared = shared_prefix_length(prompt_ids) if share_prefix else 0
+    if shared:
+        kv, kv_mask = cached_prefix_kv(policy, prompt_ids[0][:shared])
+        suffixes = [p[shared:] for p in prompt_ids]
+        s_ids, s_mask = left_pad(suffixes, pad, bucket_length(max(map(len, suffixes))),
+                                 bucket_batch(n))
+        fn = _compiled_suffix_sampler(cfg, scfg, eos, pad)
+        tokens, logprobs, lengths = jax.device_get(fn(policy.params, kv, jnp.asarray(kv_mask),
+                                                      s_ids, s_mask, rng))
+    else:
+        fn = _compiled_sampler(cfg, scfg, eos, pad)
+        tokens, logprobs, lengths = jax.device_get(fn(policy.params, ids, mask, rng))
     rows = n * num_samples
     tokens, logprobs, lengths = tokens[:rows], logprobs[:rows], lengths[:rows]
     texts = decode(policy, tokens, lengths)

@@ -23,13 +23,14 @@ from tests.rl_driver import HashEmbedder  # the shared bag-of-words test embedde
 
 def fake_generate(replies):
     """A generate stand-in: returns ``replies(prompt)`` for each prompt; records the calls."""
-    calls = []
+    calls, kwargs = [], []
 
     def gen(policy, prompts, max_new_tokens=32, temperature=0.0, **kw):
         calls.append(list(prompts))
+        kwargs.append(kw)
         return types.SimpleNamespace(texts=[replies(p) for p in prompts])
 
-    gen.calls = calls
+    gen.calls, gen.kwargs = calls, kwargs
     return gen
 
 

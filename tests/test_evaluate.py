@@ -71,6 +71,8 @@ def test_evaluate_baselines_fake_generate(tmp_path, locomo_available, embedded_p
     rows = _check_outputs(out, 2)
     assert len(gen.calls) == 1                               # one batched call
     assert rows[0]["f1"] == 1.0 and not rows[0]["answer_line_missing"]
+    # one conversation's full context: its prefix is prefilled once per batch (or cached)
+    assert gen.kwargs[0].get("share_prefix", False) == (method == "full_context")
     if method == "full_context":
         n_tokens = len(embedded_policy.tokenizer(gen.calls[0][0])["input_ids"])
         assert n_tokens < 200 + 150                          # budget 200 + the template

@@ -159,3 +159,67 @@ def test_group_logprobs_match_full_forward(tiny):
         logp = jax.nn.log_softmax(tiny.logits(seq)[0], axis=-1)
         want = [logp[len(p) - 1 + j, out.tokens[row, j]] for j in range(6)]
         np.testing.assert_allclose(out.logprobs[row], want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- shared prefix
+
+def _shared(n=4, prefix_len=150, seed=5):
+    """Rows sharing ``prefix_len`` tokens, then suffixes of different lengths (1 .. 25)."""
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(3, 256, size=prefix_len).tolist()
+    return [prefix + rng.integers(3, 256, size=int(k)).tolist()
+            for k in np.linspace(1, 25, n).astype(int)]
+
+
+def test_shared_prefix_length():
+    from mr1.sampling import shared_prefix_length
+
+    assert shared_prefix_length([[1] * 200, [1] * 150 + [2] * 9]) == 128   # 150 -> block of 64
+    assert shared_prefix_length([[1] * 70, [1] * 70]) == 64        # a suffix token stays
+    assert shared_prefix_length([[1] * 64, [1] * 64]) == 0         # 63 shareable < one block
+    assert shared_prefix_length([[1] * 200, [2] * 200]) == 0
+    assert shared_prefix_length([[5] * 100]) == 64
+    assert shared_prefix_length([[1] * 40, [1] * 40], block=8) == 32
+    assert shared_prefix_length([]) == 0
+
+
+def test_shared_prefix_generation_equals_full_prompts(tiny):
+    """share_prefix=True: the prefix is prefilled once and each row only its suffix; greedy
+    tokens equal the plain sampler's and the logprobs agree to float rounding."""
+    prompts = _shared()
+    plain = generate(tiny, prompts, max_new_tokens=8, chat=False, ignore_eos=True)
+    shared = generate(tiny, prompts, max_new_tokens=8, chat=False, ignore_eos=True,
+                      share_prefix=True)
+    np.testing.assert_array_equal(shared.tokens, plain.tokens)
+    np.testing.assert_allclose(shared.logprobs, plain.logprobs, atol=1e-4)
+    np.testing.assert_array_equal(shared.lengths, plain.lengths)
+    np.testing.assert_array_equal(shared.prompt_tokens, plain.prompt_tokens)
+
+
+def test_shared_prefix_is_cached_and_samples_groups(tiny):
+    """A second call with the same prefix reuses its keys/values; with num_samples=G the
+    sampled tokens' logprobs are the model's own under the full prompt."""
+    prompts = _shared(n=2, seed=9)
+    generate(tiny, prompts, max_new_tokens=2, chat=False, share_prefix=True)
+    cached = sampling._PREFIX_CACHE["last"][2][0]
+    out = generate(tiny, prompts, max_new_tokens=6, temperature=1.0, seed=4, chat=False,
+                   ignore_eos=True, share_prefix=True, num_samples=3)
+    assert sampling._PREFIX_CACHE["last"][2][0] is cached
+    assert out.tokens.shape == (6, 6)
+    for r in range(6):
+        p = prompts[r // 3]
+        seq = np.asarray([p + out.tokens[r].tolist()])
+        logp = jax.nn.log_softmax(tiny.logits(seq)[0], axis=-1)
+        want = np.asarray([logp[len(p) - 1 + j, out.tokens[r, j]] for j in range(6)])
+        np.testing.assert_allclose(out.logprobs[r], want, atol=1e-4)
+    other = _shared(n=2, seed=10)
+    generate(tiny, other, max_new_tokens=2, chat=False, share_prefix=True)
+    assert sampling._PREFIX_CACHE["last"][2][0] is not cached
+
+
+def test_share_prefix_without_a_common_block_uses_the_plain_sampler(tiny):
+    prompts = _prompts(3)   # random rows: no common prefix
+    a = generate(tiny, prompts, max_new_tokens=5, chat=False, ignore_eos=True)
+    b = generate(tiny, prompts, max_new_tokens=5, chat=False, ignore_eos=True, share_prefix=True)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)

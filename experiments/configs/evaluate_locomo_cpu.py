@@ -14,10 +14,10 @@ One config, the method picked by the config string (``path:method``):
 
 CPU-scale choices, shared by every method so the columns compare: 2 x 5 memories (or 10
 turns for RAG) per question, 32 new tokens, greedy; the manager sees 5 related memories and
-writes up to 64 tokens. A LoCoMo conversation (16k-26k tokens) does not fit SmolLM2's 8,192
-window, so ``full_context`` keeps the newest turns that fit (a 7.6k-token prefill per question:
-hours on a CPU, meant for an accelerator). The paper-scale settings are
-``evaluate_locomo_smollm2*.py``.
+writes up to 64 tokens. A LoCoMo test conversation (26k-34k tokens with its dates) does not
+fit SmolLM2's 8,192-token window, so ``full_context`` keeps the newest turns that fit (~7.6k
+tokens), prefilled once per conversation and shared by its questions (``share_prefix`` in
+``mr1.sampling.generate``). The paper-scale settings are ``evaluate_locomo_smollm2*.py``.
 """
 
 import pathlib
@@ -30,7 +30,7 @@ METHODS = {
     "memory": {},
     "mem0": {"memory.manager": "llm", "memory.manager_format": "json"},
     "rag": {"method": "rag"},
-    "full_context": {"method": "full_context", "answer.batch_size": 4},
+    "full_context": {"method": "full_context"},
 }
 
 

@@ -10,5 +10,5 @@ def get_config():
     c = _base["get_config"]()
     c.method = "full_context"   # all turns that fit, truncated from the start
     c.full_context_tokens = 0   # 0 = model window (8192) - answer budget - 512
-    c.answer.batch_size = 4     # long prompts: fewer per call
+    # one conversation's context is prefilled once and shared by its questions (share_prefix)
     return c

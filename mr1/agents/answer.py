@@ -95,15 +95,19 @@ class AnswerAgent:
       generate_fn: ``mr1.sampling.generate`` or a stand-in with its signature (tests).
       distill: True (paper): the prompt asks to list the relevant memories before the answer
         line; False: the answer line only (the "without memory distillation" ablation).
+      share_prefix: the prompts of a batch share a long prefix (one conversation's full
+        context): ``generate`` prefills it once (``mr1.sampling``, ``share_prefix=True``).
     """
 
     def __init__(self, policy, embedder, *, top_k: int = 30, max_new_tokens: int = 96,
                  batch_size: int = 16, temperature: float = 0.0, seed: int = 0,
-                 generate_fn: Callable | None = None, distill: bool = True):
+                 generate_fn: Callable | None = None, distill: bool = True,
+                 share_prefix: bool = False):
         self.policy, self.embedder = policy, embedder
         self.top_k, self.max_new_tokens, self.batch_size = top_k, max_new_tokens, batch_size
         self.temperature, self.seed = temperature, seed
         self.distill = bool(distill)
+        self.share_prefix = bool(share_prefix)
         self.prompt_form = P.answer_form(self.distill)   # a key of P.ANSWER_PROMPTS
         if generate_fn is None:
             from mr1.sampling import generate as generate_fn
@@ -135,8 +139,9 @@ class AnswerAgent:
         outs: list[str] = []
         for s in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[s:s + self.batch_size])
+            kw = {"share_prefix": True} if self.share_prefix else {}
             res = self.generate(self.policy, chunk, max_new_tokens=self.max_new_tokens,
-                                temperature=self.temperature, seed=self.seed)
+                                temperature=self.temperature, seed=self.seed, **kw)
             outs += list(res.texts)
         results = []
         for q, p, o in zip(questions, prompts, outs):
