@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -346,15 +347,21 @@ def _rep_kv(x, g: int):
 
 def cached_prefix_kv(policy, prefix_ids: Sequence[int], params=None) -> tuple[KVCache, np.ndarray]:
     """The prefix's keys/values ``[L, 1, K, S, hd]`` (left-padded to a length bucket) and its
-    ``[1, S]`` mask; the last one computed is reused while the params and ids are the same."""
+    ``[1, S]`` mask; the last one computed is reused while the params and ids are the same.
+
+    The cache holds only a weak reference to the params (their first leaf), so it never keeps
+    a discarded model alive; new params (another policy, an RL update) miss it.
+    """
     params = policy.params if params is None else params
-    key = (policy.config, tuple(int(t) for t in prefix_ids))
+    first = jax.tree.leaves(params)[0]
+    key = (policy.config, id(first), tuple(int(t) for t in prefix_ids))
     hit = _PREFIX_CACHE.get("last")
-    if hit is not None and hit[0] is params and hit[1] == key:
+    if hit is not None and hit[0]() is first and hit[1] == key:
         return hit[2]
-    ids, mask = left_pad([list(key[1])], policy.pad_token_id, bucket_length(len(key[1])), 1)
+    _PREFIX_CACHE.clear()  # free the old prefix before computing the new one
+    ids, mask = left_pad([list(key[2])], policy.pad_token_id, bucket_length(len(key[2])), 1)
     kv = _compiled_prefix_prefill(policy.config)(params, jnp.asarray(ids), jnp.asarray(mask))
-    _PREFIX_CACHE["last"] = (params, key, (kv, mask))
+    _PREFIX_CACHE["last"] = (weakref.ref(first), key, (kv, mask))
     return kv, mask
 
 def sample_padded(policy, prompt_ids: np.ndarray, prompt_mask: np.ndarray, rng: jax.Array,

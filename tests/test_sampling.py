@@ -212,9 +212,14 @@ def test_shared_prefix_is_cached_and_samples_groups(tiny):
         logp = jax.nn.log_softmax(tiny.logits(seq)[0], axis=-1)
         want = np.asarray([logp[len(p) - 1 + j, out.tokens[r, j]] for j in range(6)])
         np.testing.assert_allclose(out.logprobs[r], want, atol=1e-4)
+    shared = sampling.shared_prefix_length(prompts)
+    moved = jax.tree.map(lambda x: x + 0, tiny.params)   # new params (an RL update): a miss
+    kv, _ = sampling.cached_prefix_kv(tiny, prompts[0][:shared], params=moved)
+    assert kv is not cached
+    np.testing.assert_allclose(np.asarray(kv.k), np.asarray(cached.k), atol=1e-6)
     other = _shared(n=2, seed=10)
     generate(tiny, other, max_new_tokens=2, chat=False, share_prefix=True)
-    assert sampling._PREFIX_CACHE["last"][2][0] is not cached
+    assert sampling._PREFIX_CACHE["last"][2][0] is not kv
 
 
 def test_share_prefix_without_a_common_block_uses_the_plain_sampler(tiny):
