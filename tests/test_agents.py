@@ -147,7 +147,7 @@ def _renamed(conv, sample_id, sessions=None):
 
 
 def _echo_manager(prompt):
-    """UPDATE memory 0 when a fact names a city and one is shown, else ADD the fact; facts
+    """UPDATE memory 0 when a fact names Rome and a memory is shown, else ADD the fact; facts
     extracted by echoing the turn."""
     if "New fact: " not in prompt:                     # fact extraction: echo the turn
         return "- " + prompt.split("\n\nFacts:")[0].rsplit("\n", 1)[-1]
