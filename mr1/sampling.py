@@ -227,6 +227,11 @@ def _decode(params, model_cfg: ModelConfig, cfg: SamplingConfig, eos, pad_id: in
     return out["tokens"], out["logprobs"], out["lengths"]
 
 
+def _repeat_rows(x, g: int, axis: int = 0):
+    """Each row (along ``axis``) ``g`` times in a row: prompt rows -> sample rows."""
+    return jnp.repeat(x, g, axis=axis) if g > 1 else x
+
+
 def _eos_array(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tuple[int, ...]):
     """The EOS ids as an array (-1: none); checks ``cfg.allowed_tokens`` against the vocab."""
     bad = [t for t in cfg.allowed_tokens if not 0 <= t < model_cfg.vocab_size]
@@ -259,7 +264,7 @@ def _compiled_sampler(model_cfg: ModelConfig, cfg: SamplingConfig, eos_ids: tupl
         # The prompt's keys/values stay one copy per prompt (a shared prefix the G samples
         # attend together); only the generated tokens get a per-sample cache.
         prefix = kv_layout(KVCache(k=prompt_kv[0], v=prompt_kv[1]))
-        rep = lambda x: jnp.repeat(x, g, axis=0) if g > 1 else x  # noqa: E731
+        rep = functools.partial(_repeat_rows, g=g)
         n = b * g
         cache = kv_layout(KVCache.zeros(model_cfg, n, new, transformer.activation_dtype(
             model_cfg, params["embed"].dtype)))
@@ -289,10 +294,12 @@ def shared_prefix_length(prompt_ids: Sequence[Sequence[int]], block: int = PREFI
     least one token of every row as its suffix (0: none worth sharing)."""
     if not prompt_ids:
         return 0
-    first, n = prompt_ids[0], min(len(p) for p in prompt_ids) - 1
-    common = 0
-    while common < n and all(p[common] == first[common] for p in prompt_ids):
-        common += 1
+    n = min(len(p) for p in prompt_ids) - 1
+    if n <= 0:
+        return 0
+    heads = np.asarray([p[:n] for p in prompt_ids])
+    differs = np.flatnonzero((heads != heads[:1]).any(axis=0))
+    common = int(differs[0]) if differs.size else n
     return common // block * block
 
 
@@ -324,11 +331,11 @@ def _compiled_suffix_sampler(model_cfg: ModelConfig, cfg: SamplingConfig,
                                              transformer.causal_mask(suffix_mask), None, None,
                                              prefix, prefix_mask)
         logits = transformer.logits_from_hidden(params, model_cfg, hidden[:, -1])
-        rep = lambda x: jnp.repeat(x, g, axis=0) if g > 1 else x  # noqa: E731
+        rep = functools.partial(_repeat_rows, g=g)
         n = b * g
         cache = KVCache.zeros(model_cfg, n, t + cfg.max_new_tokens,
                               transformer.activation_dtype(model_cfg, params["embed"].dtype))
-        cache = cache.write((_rep_kv(k, g), _rep_kv(v, g)), 0)
+        cache = cache.write((_repeat_rows(k, g, axis=1), _repeat_rows(v, g, axis=1)), 0)
         key_valid = jnp.concatenate([rep(suffix_mask.astype(bool)),
                                      jnp.zeros((n, cfg.max_new_tokens), bool)], axis=-1)
         length = jnp.sum(suffix_mask, axis=-1).astype(jnp.int32)
@@ -338,11 +345,6 @@ def _compiled_suffix_sampler(model_cfg: ModelConfig, cfg: SamplingConfig,
                        done=rep(length == 0))
 
     return jax.jit(run)
-
-
-def _rep_kv(x, g: int):
-    """Repeats the row axis (1) of per-layer keys/values ``[L, B, ...]`` ``g`` times."""
-    return jnp.repeat(x, g, axis=1) if g > 1 else x
 
 
 def cached_prefix_kv(policy, prefix_ids: Sequence[int], params=None) -> tuple[KVCache, np.ndarray]:

@@ -45,10 +45,5 @@ def get_config(method: str = "memory"):
     c.rag_top_k = 10                       # as many turns as memories (2 x 5)
     c.memory.retrieve_k = 5                # related memories shown to the manager
     c.memory.manager_max_new_tokens = 64   # one JSON op with its text
-    for key, value in METHODS[method].items():
-        node = c
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    c.update_from_flattened_dict(METHODS[method])
     return c

@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mr1.agents import prompts as P
 from mr1.data.records import Conversation
@@ -244,6 +245,10 @@ class MemoryBuilder:
         if (config.facts == "llm" or config.manager == "llm") and policy is None:
             raise ValueError("llm facts/manager need a policy")
 
+    def sessions_of(self, conv: Conversation) -> Sequence:
+        """The sessions built for ``conv`` (the first ``max_sessions`` when set)."""
+        return conv.sessions[: self.cfg.max_sessions or None]
+
     @property
     def uses_llm(self) -> bool:
         """Whether building calls the LLM (then conversations are worth building in lockstep)."""
@@ -299,8 +304,7 @@ class MemoryBuilder:
             mems = [new_speaker_memory(conv.speaker_a, 0, self.cfg, dim, pad),
                     new_speaker_memory(conv.speaker_b, 1, self.cfg, dim, pad)]
             out.append(ConversationMemory(conv.sample_id, mems, BuildStats()))
-            n = self.cfg.max_sessions
-            schedules.append(conv.sessions[:n] if n else conv.sessions)
+            schedules.append(self.sessions_of(conv))
         for step in range(max(map(len, schedules), default=0)):
             active = [i for i, sched in enumerate(schedules) if step < len(sched)]
             facts = self._facts_many([(convs[i], schedules[i][step]) for i in active])
@@ -502,10 +506,9 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
             todo.append(conv)
     lockstep = builder.uses_llm
     per = builder.cfg.conversations_per_batch if lockstep else 1
-    limit = builder.cfg.max_sessions or None
-    total = sum(len(c.sessions[:limit]) for c in todo) if lockstep else len(todo)
-    bar = _progress_bar(progress and bool(todo), total, "memory",
-                        "session" if lockstep else "conv")
+    total = sum(len(builder.sessions_of(c)) for c in todo) if lockstep else len(todo)
+    bar = tqdm(total=total, desc="memory", unit="session" if lockstep else "conv",
+               disable=not (progress and todo))
 
     def finish(mem: ConversationMemory) -> None:
         if directory is not None:
@@ -521,25 +524,6 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
             bar.update(1)
     bar.close()
     return {c.sample_id: out[c.sample_id] for c in convs}
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool, total: int, desc: str, unit: str):
-    """A tqdm bar, or a stand-in with the same ``update``/``close`` when disabled."""
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit)
 
 
 # ----------------------------------------------------------------------------- data selection
