@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
-        "optax",
+        "optax>=0.2.6",            # optax.tree.norm
         "orbax-checkpoint",
         "transformers>=4.45",
         "datasets",

@@ -307,7 +307,7 @@ def update_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc:
               jax.tree.map(jnp.zeros_like, state.params))
     (loss, aux, grads), _ = jax.lax.scan(body, carry0, batch)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _is_finite_tree(aux)
     # zero non-finite grads before the optimizer so its arithmetic stays finite either way
     safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
