@@ -39,8 +39,16 @@ model, facts); resuming it with another manager raises ValueError (pick another
 Writes ``predictions.jsonl`` (question, gold, prediction, category, f1, bleu1, em, f1_locomo, j,
 answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` (with
 ``memory_ops``: the manager's ADD/UPDATE/DELETE/NOOP, invalid outputs and bank refusals summed
-over the evaluated conversations) under the workdir. J comes from mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set,
-else it is "not computed" (n/a in the table).
+over the evaluated conversations) under the workdir. J comes from mr1.eval.judge when
+``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set, else it is "not computed" (n/a in the
+table).
+
+Answering is resumable: each answered conversation's rows go to
+``<workdir>/answers/<conv_id>.jsonl`` (beside ``config.json``, the run's config), so a run
+killed mid-way, started again with the same command, answers only the conversations it had
+not finished; the folder is removed once the results are written. Another config's folder
+raises ValueError rather than mixing answers (remove it or pick another workdir). With
+several processes answers are not resumed (the processes must answer the same batches).
 """
 
 from __future__ import annotations
@@ -48,9 +56,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import pathlib
+import shutil
 import time
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -167,6 +178,43 @@ def _abstention_note(abstention: dict) -> str:
     return f"LongMemEval: {part('abstention')}, {part('non_abstention')}\n"
 
 
+class AnswerCheckpoint:
+    """``<workdir>/answers``: the rows of every conversation answered so far by this config."""
+
+    def __init__(self, workdir: pathlib.Path, config, log=print):
+        self.directory = workdir / "answers"
+        self.enabled = jax.process_count() == 1
+        identity = json.dumps(json.loads(config.to_json()), sort_keys=True, indent=1)
+        stamp = self.directory / "config.json"
+        if not self.enabled:
+            return
+        if stamp.is_file() and stamp.read_text() != identity:
+            raise ValueError(
+                f"{self.directory} holds the answers of an unfinished run with another config; "
+                "remove it to start over, or pick another --workdir")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(identity)
+        self.done = {p.stem: [json.loads(x) for x in p.read_text().splitlines()]
+                     for p in sorted(self.directory.glob("*.jsonl"))}
+        if self.done:
+            log(f"{self.directory}: resuming, {len(self.done)} conversations already answered "
+                f"({sum(len(r) for r in self.done.values())} questions)")
+
+    def get(self, conv_id: str):
+        return self.done.get(conv_id) if self.enabled else None
+
+    def put(self, conv_id: str, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
+        tmp = self.directory / f"{conv_id}.jsonl.tmp"   # renamed: never a half-written file
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.directory / f"{conv_id}.jsonl")
+
+    def remove(self) -> None:
+        if self.enabled:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=print) -> dict:
     """Runs one evaluation; returns ``{"rows", "table", "markdown", "paths", "wall_s"}``."""
     t0 = time.time()
@@ -207,8 +255,13 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
 
     rows = []
     t_answer = time.time()
+    checkpoint = AnswerCheckpoint(workdir, config, log)
     for conv, qas in selected:
+        if (done := checkpoint.get(conv.sample_id)) is not None and len(done) == len(qas):
+            rows.extend(done)
+            continue
         questions = [qa.question for qa in qas]
+        conv_rows = []
         if config.method == "memory":
             prompts = agent.memory_prompts(conv, memories[conv.sample_id], questions)
             invalid = memories[conv.sample_id].stats.num_invalid
@@ -221,18 +274,20 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
         results = agent.answer_prompts(prompts, questions)
         for qa, res in zip(qas, results):
             s = M.score_all(res.answer, qa.answer, ("em", "f1", "bleu1"))
-            rows.append({"question_id": qa.question_id, "conv_id": qa.conv_id,
-                         "question": qa.question, "gold": qa.answer, "prediction": res.answer,
-                         "category": qa.category, "f1": s["f1"], "bleu1": s["bleu1"],
-                         "em": s["em"],
-                         "f1_locomo": (M.locomo_score(res.answer, qa.answer, qa.category)
-                                       if benchmark == "locomo"
-                                       else M.f1_locomo(res.answer, qa.answer)),
-                         "j": None, "answer_line_missing": res.answer_line_missing,
-                         "num_invalid_ops": invalid, "num_distilled": len(res.distilled),
-                         "output": res.output})
+            conv_rows.append({"question_id": qa.question_id, "conv_id": qa.conv_id,
+                              "question": qa.question, "gold": qa.answer, "prediction": res.answer,
+                              "category": qa.category, "f1": s["f1"], "bleu1": s["bleu1"],
+                              "em": s["em"],
+                              "f1_locomo": (M.locomo_score(res.answer, qa.answer, qa.category)
+                                            if benchmark == "locomo"
+                                            else M.f1_locomo(res.answer, qa.answer)),
+                              "j": None, "answer_line_missing": res.answer_line_missing,
+                              "num_invalid_ops": invalid, "num_distilled": len(res.distilled),
+                              "output": res.output})
             if benchmark == "longmemeval":
-                rows[-1]["abstention"] = is_abstention(qa)
+                conv_rows[-1]["abstention"] = is_abstention(qa)
+        checkpoint.put(conv.sample_id, conv_rows)
+        rows.extend(conv_rows)
         log(f"{conv.sample_id}: {len(qas)} answered ({time.time() - t_answer:.0f} s so far)")
 
     judge = load_judge() if config.judge else None
@@ -279,6 +334,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,
          "config": json.loads(config.to_json())}, indent=2))
+    checkpoint.remove()   # the results hold every row now
     log(markdown + notes)
     return {"rows": rows, "table": table, "markdown": markdown, "paths": paths, "wall_s": wall}
 

@@ -78,6 +78,44 @@ def test_evaluate_baselines_fake_generate(tmp_path, locomo_available, embedded_p
         assert n_tokens < 200 + 150                          # budget 200 + the template
 
 
+def test_evaluate_resumes_answers_after_an_interruption(tmp_path, locomo_available,
+                                                        embedded_policy):
+    """A run killed after its first conversation answers only the second when started again;
+    the per-conversation answers go once the results are written; another config raises."""
+    ev = _module("evaluate")
+    config = _config(method="rag", split="test", max_conversations=2, max_questions=0,
+                     max_questions_per_conversation=2)
+    answers = tmp_path / "answers"
+
+    def replies(prompt):
+        if len(gen.calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return "**Answer:** 7 May 2023"
+
+    gen = fake_generate(replies)
+    with pytest.raises(KeyboardInterrupt):
+        ev.run(config, tmp_path, policy=embedded_policy, embedder=HashEmbedder(),
+               generate_fn=gen, log=lambda s: None)
+    saved = sorted(p.name for p in answers.glob("*.jsonl"))
+    assert len(saved) == 1 and not (tmp_path / "predictions.jsonl").exists()
+    first_rows = (answers / saved[0]).read_text().splitlines()
+
+    other = _config(method="rag", split="test", max_conversations=2, max_questions=0,
+                    max_questions_per_conversation=2, rag_top_k=4)
+    with pytest.raises(ValueError, match="another config"):
+        ev.run(other, tmp_path, policy=embedded_policy, embedder=HashEmbedder(),
+               generate_fn=fake_generate(lambda p: "x"), log=lambda s: None)
+
+    again = fake_generate(lambda p: "**Answer:** 7 May 2023")
+    out = ev.run(config, tmp_path, policy=embedded_policy, embedder=HashEmbedder(),
+                 generate_fn=again, log=lambda s: None)
+    rows = _check_outputs(out, 4)
+    assert len(again.calls) == 1 and len(again.calls[0]) == 2  # only the second conversation
+    assert [json.dumps(r) for r in rows[:2]] == first_rows      # the saved rows, in order
+    assert len({r["conv_id"] for r in rows}) == 2
+    assert not answers.exists()
+
+
 def test_build_memory_resume_skips_finished(tmp_path, locomo_available, monkeypatch):
     bm = _module("build_memory")
     from mr1.agents import pipeline
