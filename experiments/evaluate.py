@@ -184,10 +184,11 @@ class AnswerCheckpoint:
     def __init__(self, workdir: pathlib.Path, config, log=print):
         self.directory = workdir / "answers"
         self.enabled = jax.process_count() == 1
-        identity = json.dumps(json.loads(config.to_json()), sort_keys=True, indent=1)
-        stamp = self.directory / "config.json"
+        self.done: dict[str, list[dict]] = {}
         if not self.enabled:
             return
+        identity = json.dumps(json.loads(config.to_json()), sort_keys=True, indent=1)
+        stamp = self.directory / "config.json"
         if stamp.is_file() and stamp.read_text() != identity:
             raise ValueError(
                 f"{self.directory} holds the answers of an unfinished run with another config; "
@@ -199,9 +200,6 @@ class AnswerCheckpoint:
         if self.done:
             log(f"{self.directory}: resuming, {len(self.done)} conversations already answered "
                 f"({sum(len(r) for r in self.done.values())} questions)")
-
-    def get(self, conv_id: str):
-        return self.done.get(conv_id) if self.enabled else None
 
     def put(self, conv_id: str, rows: list[dict]) -> None:
         if not self.enabled:
@@ -257,7 +255,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     t_answer = time.time()
     checkpoint = AnswerCheckpoint(workdir, config, log)
     for conv, qas in selected:
-        if (done := checkpoint.get(conv.sample_id)) is not None and len(done) == len(qas):
+        if (done := checkpoint.done.get(conv.sample_id)) is not None and len(done) == len(qas):
             rows.extend(done)
             continue
         questions = [qa.question for qa in qas]
