@@ -25,6 +25,8 @@ _base = runpy.run_path(str(pathlib.Path(__file__).with_name("locomo_smollm2_135m
 def get_config():
     c = _base["get_config"]()
     c.num_steps = 30                    # 30 x 4 = 120 facts (about one pass over the 99)
+    c.rollout.prompts_per_step = 4      # facts per step (the answer config's default is 8)
+    c.loss.normalize_std = True         # GRPO (r - mean) / std, as measured (docs/training.md)
     c.data = ml_collections.ConfigDict()
     c.data.max_train_samples = 0        # 0 = every training fact
 
