@@ -63,8 +63,8 @@ def get_config():
     c.loss.kl_beta = 0.0                # beta * KL(pi || pi_ref); 0 skips the reference pass
     c.loss.kl_estimator = "k3"          # k1 | k2 | k3
     c.loss.agg = "token_mean"           # token_mean | seq_mean_token_mean | seq_mean_token_sum
-    c.loss.normalize_std = False        # False = Dr. GRPO, r - mean (scored higher here than
-                                        # GRPO's (r - mean) / std); True = GRPO
+    c.loss.normalize_std = False        # False = Dr. GRPO, r - mean (the best-validation run's;
+                                        # docs/training.md); True = GRPO, (r - mean) / std
     c.loss.max_grad_norm = 1.0          # global-norm clip
     c.loss.entropy_coef = 0.0           # PPO entropy bonus
     c.loss.vf_coef = 0.5                # PPO value-loss weight
