@@ -6,6 +6,11 @@
 Each argument is ``NAME=WORKDIR`` (a workdir holding ``results.json`` and
 ``predictions.jsonl``); every run must have answered the same questions. ``--out=DIR`` also
 writes ``DIR/compare.md``, ``DIR/compare.json`` and ``DIR/compare.png`` (F1 per category).
+``--ops_png=PATH`` draws the Memory Manager op distributions (ADD / UPDATE / DELETE / NOOP /
+invalid) of the runs that built their banks with a manager as grouped bars, e.g.
+
+    python experiments/compare.py prompted=runs/abl/prompted RL=runs/abl/rl \
+        --ops_png=docs/memory_ops.png --title="Memory Manager ops on the LoCoMo test split"
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ _BASE = flags.DEFINE_string("base", "", "the run whose overall F1 the 'x base F1
                             "by (default: none)")
 _OUT = flags.DEFINE_string("out", "", "also write compare.md / .json / .png in this directory")
 _TITLE = flags.DEFINE_string("title", "", "title of the plot")
+_OPS_PNG = flags.DEFINE_string("ops_png", "", "also draw the op distributions of the runs "
+                               "whose results.json has memory_ops into this PNG")
 
 
 def main(argv) -> None:
@@ -46,6 +53,17 @@ def main(argv) -> None:
             json.dumps(summary_json(runs, _BASE.value or None), indent=1) + "\n")
         png = plot_comparison(runs, out / "compare.png", title=_TITLE.value)
         print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {png}")
+    if _OPS_PNG.value:
+        from mr1.metrics_io import op_counts_from_results, plot_op_distribution
+
+        counts = {r.name: op_counts_from_results(r.path / "results.json") for r in runs
+                  if r.results.get("memory_ops")}
+        if not counts:
+            raise app.UsageError("--ops_png: no run has memory_ops (none built its banks with "
+                                 "a Memory Manager)")
+        for name, c in counts.items():
+            print(f"{name} ops: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+        print(f"wrote {plot_op_distribution(counts, _OPS_PNG.value, title=_TITLE.value)}")
 
 
 if __name__ == "__main__":

@@ -396,8 +396,9 @@ def sample_padded(policy, prompt_ids: np.ndarray, prompt_mask: np.ndarray, rng: 
 
 
 def encode_prompts(policy, prompts: Sequence[str], chat: bool = True,
-                   system_prompt: str | None = None) -> list[list[int]]:
-    """Token ids of each prompt, through the chat template when ``chat``."""
+                   system_prompt: str | None = None, reply_prefix: str = "") -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when ``chat``, followed by the
+    ids of ``reply_prefix`` (the start of the reply, forced: generation continues it)."""
     tok = policy.tokenizer
     if tok is None:
         raise ValueError("this policy has no tokenizer; pass token id lists instead of strings")
@@ -412,6 +413,9 @@ def encode_prompts(policy, prompts: Sequence[str], chat: bool = True,
             out.append(list(ids))
         else:
             out.append(tok(p, add_special_tokens=False)["input_ids"])
+    if reply_prefix:
+        forced = list(tok(reply_prefix, add_special_tokens=False)["input_ids"])
+        out = [ids + forced for ids in out]
     return out
 
 
@@ -434,7 +438,8 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
              seed: int | jax.Array = 0, chat: bool = True, *, top_k: int = 0,
              top_p: float = 1.0, num_samples: int = 1, system_prompt: str | None = None,
              max_prompt_tokens: int | None = None, ignore_eos: bool = False,
-             allowed_tokens: tuple[int, ...] = (), share_prefix: bool = False) -> GenerateOutput:
+             allowed_tokens: tuple[int, ...] = (), share_prefix: bool = False,
+             reply_prefix: str = "") -> GenerateOutput:
     """Samples completions for ``prompts`` (strings, or lists of token ids).
 
     Args:
@@ -454,6 +459,8 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
         prefill it once (cached across calls while the params and prefix are the same) and
         only their own suffixes per row: the same completions up to float rounding, far less
         compute for long shared contexts (the full-context baseline).
+      reply_prefix: text every reply of string prompts starts with (appended after the chat
+        template, not part of the returned completions).
 
     Raises:
       ValueError: empty input, or a prompt longer than the configured maximum.
@@ -465,7 +472,7 @@ def generate(policy, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if isinstance(prompts[0], str):
-        prompt_ids = encode_prompts(policy, prompts, chat, system_prompt)
+        prompt_ids = encode_prompts(policy, prompts, chat, system_prompt, reply_prefix)
     else:
         prompt_ids = [list(map(int, p)) for p in prompts]
     cfg = policy.config

@@ -83,3 +83,25 @@ def test_cli_writes_table_json_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare.py"),
                           f"x={tmp_path / 'missing'}"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "no results.json" in bad.stderr
+
+
+def test_cli_draws_the_op_distributions(tmp_path):
+    """--ops_png: one bar group per op, from the runs with memory_ops (others are skipped;
+    invalid outputs, counted among NOOPs by evaluate.py, are shown as INVALID only)."""
+    write_run(tmp_path / "add_all", {"overall": 5.0})
+    rl = write_run(tmp_path / "rl", {"overall": 7.0})
+    res = json.loads((rl / "results.json").read_text())
+    res["memory_ops"] = {"ops": {"ADD": 6, "UPDATE": 2, "NOOP": 3}, "invalid": {"unknown_id": 1},
+                         "refused": {}}
+    (rl / "results.json").write_text(json.dumps(res))
+    png = tmp_path / "ops.png"
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare.py"),
+                        f"add_all={tmp_path / 'add_all'}", f"RL={rl}", f"--ops_png={png}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "RL ops: ADD 6, UPDATE 2, DELETE 0, NOOP 2, INVALID 1" in r.stdout
+    assert "add_all ops" not in r.stdout and png.stat().st_size > 1000
+    none = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare.py"),
+                           f"x={tmp_path / 'add_all'}", f"--ops_png={png}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert none.returncode != 0 and "no run has memory_ops" in none.stderr

@@ -11,7 +11,11 @@
 4. ``ManagerTask`` in the "op" form on the hand-built conversation of
    ``tests/test_memory_task.py``: one allowed token per op word, ``max_new_tokens == 1``, the
    one-word outputs earn exactly what the equivalent JSON outputs earn, and a rollout samples
-   only op words with full-vocabulary old logprobs.
+   only op words with full-vocabulary old logprobs;
+5. the ``"json_op"`` form (the paper's JSON prompt, the reply forced to
+   ``{"memory": [{"event": "`` and the op word constrained): ``reply_prefix`` in
+   ``encode_prompts`` / ``generate``, and a ``ManagerTask`` whose prompts end with the forced
+   ids and whose words score as the "op" form's.
 """
 
 from __future__ import annotations
@@ -237,7 +241,14 @@ def test_op_choice_tokens():
 
 
 def test_manager_prompt_forms():
-    assert set(PR.MANAGER_PROMPTS) == {"json", "line", "op"}
+    assert set(PR.MANAGER_PROMPTS) == set(PR.MANAGER_FORMS) == {"json", "line", "op", "json_op"}
+    # "json_op" is the paper's JSON prompt; only its reply is forced and constrained
+    assert PR.MANAGER_PROMPTS["json_op"] == PR.MANAGER_PROMPTS["json"]
+    assert PR.manager_form("json_op").choice and PR.manager_form("op").choice
+    assert PR.manager_form("json_op").reply_prefix == '{"memory": [{"event": "'
+    assert not PR.manager_form("json").choice and not PR.manager_form("json").reply_prefix
+    with pytest.raises(ValueError, match="json_op"):
+        PR.manager_form("bogus")
     mems = [(0, "Alice likes cats.")]
     assert PR.memory_manager_prompt("Alice", FACT, mems) == \
         PR.memory_manager_prompt("Alice", FACT, mems, form="json")
@@ -290,19 +301,24 @@ class ScriptedGenerate:
         return types.SimpleNamespace(texts=[self.words[f].pop(0) for f in facts])
 
 
-def test_pipeline_op_form_applies_the_chosen_ops():
-    cfg = PipelineConfig(manager="llm", manager_format="op", num_slots=8, max_len=64,
+@pytest.mark.parametrize("form", ["op", "json_op"])
+def test_pipeline_op_form_applies_the_chosen_ops(form):
+    """Both choice forms build the same banks from the same words; "json_op" asks with the
+    JSON prompt and forces the reply's start."""
+    cfg = PipelineConfig(manager="llm", manager_format=form, num_slots=8, max_len=64,
                          retrieve_k=2, batch_size=2)
     gen = ScriptedGenerate()
     policy = types.SimpleNamespace(tokenizer=None, pad_token_id=0)  # bytes tokenizer
     mem = MemoryBuilder(cfg, EMB, policy=policy, generate_fn=gen).build(script_conv())
 
     allowed = op_choice_tokens(BYTES)
-    assert all(kw == {"max_new_tokens": 1, "temperature": 0.0, "allowed_tokens": allowed}
-               for _, kw in gen.calls), gen.calls
+    forced = {"reply_prefix": '{"memory": [{"event": "'} if form == "json_op" else {}
+    assert all(kw == {"max_new_tokens": 1, "temperature": 0.0, "allowed_tokens": allowed,
+                      **forced} for _, kw in gen.calls), gen.calls
     assert [len(p) for p, _ in gen.calls] == [2, 1, 2, 2, 1, 2, 1]  # batch_size chunks
     prompts = [p for ps, _ in gen.calls for p in ps]
-    assert len(prompts) == len(SCRIPT) and all("Reply with one word" in p for p in prompts)
+    ask = "Reply with one word" if form == "op" else "Reply with JSON only"
+    assert len(prompts) == len(SCRIPT) and all(ask in p for p in prompts)
     assert not any(gen.words.values()), "every scripted word was asked for"
     # the UPDATE prompt shows the jazz memory first: the merge target is the most similar one
     upd = next(p for p in prompts if "New fact: Alice likes jazz music a lot." in p)
@@ -330,7 +346,7 @@ def test_pipeline_op_form_applies_the_chosen_ops():
 
 
 def test_pipeline_config_validates_manager_format():
-    for form in ("json", "line", "op"):
+    for form in ("json", "line", "op", "json_op"):
         assert PipelineConfig(manager_format=form).manager_format == form
     with pytest.raises(ValueError, match="manager_format"):
         PipelineConfig(manager_format="bogus")
@@ -505,6 +521,60 @@ def test_op_form_rollout_samples_op_words_with_full_vocabulary_logprobs(op_data,
     tok, _, _ = sampling.sample_padded(smol, task.train_ids[idx], task.train_mask[idx],
                                        jax.random.PRNGKey(0), greedy)
     np.testing.assert_array_equal(tok[:, 0], best)
+
+
+# ----------------------------------------------------------------------------- 5. "json_op"
+
+CFG_JSON_OP = dataclasses.replace(TM.CFG, manager_format="json_op")
+
+
+def test_reply_prefix_is_appended_after_the_chat_template(smol):
+    prefix = PR.JSON_EVENT_PREFIX
+    plain = sampling.encode_prompts(smol, ["Hi there", "Bye"], chat=True)
+    forced = sampling.encode_prompts(smol, ["Hi there", "Bye"], chat=True, reply_prefix=prefix)
+    tail = smol.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    assert len(tail) > 3
+    assert forced == [p + list(tail) for p in plain]
+    # generate(reply_prefix=) continues the forced text: the same as passing those ids
+    allowed = op_choice_tokens(make_tokenize(smol))
+    a = generate(smol, ["Hi there", "Bye"], max_new_tokens=1, allowed_tokens=allowed,
+                 reply_prefix=prefix)
+    b = generate(smol, forced, max_new_tokens=1, allowed_tokens=allowed)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.texts == b.texts and set(a.texts) <= {"ADD", "UPDATE", "DELETE", "N"}
+    c = generate(smol, ["Hi there", "Bye"], max_new_tokens=1, allowed_tokens=allowed)
+    np.testing.assert_array_equal(c.tokens, generate(smol, plain, max_new_tokens=1,
+                                                     allowed_tokens=allowed).tokens)
+
+
+@pytest.fixture(scope="module")
+def json_op_data(conv, smol):
+    return MT.build_manager_data([(conv, conv.qas)], CFG_JSON_OP, EMB, make_tokenize(smol),
+                                 pad_id=smol.pad_token_id)
+
+
+def test_json_op_task_forces_the_reply_and_scores_like_the_op_form(json_op_data, op_data,
+                                                                     json_data, smol):
+    """The JSON prompt (as the "json" form's) with the forced reply start as the last prompt
+    tokens, one constrained word per output, and the op form's rewards for the same words."""
+    assert json_op_data.samples == op_data.samples
+    assert json_op_data.prompts == json_data.prompts
+    task = MT.ManagerTask(json_op_data, json_op_data, smol, EMB, CFG_JSON_OP, {"em": 1.0}, 0.0,
+                          max_new_tokens=8, answer_top_k=8, answer_fn=TM.CatAgent())
+    assert task.max_new_tokens == 1
+    assert task.allowed_tokens == op_choice_tokens(make_tokenize(smol))
+    tail = list(smol.tokenizer(PR.JSON_EVENT_PREFIX, add_special_tokens=False)["input_ids"])
+    json_task = TM.make_task(json_data, smol)
+    for row, ref, m, m_ref in zip(task.train_ids, json_task.train_ids, task.train_mask,
+                                  json_task.train_mask):
+        ids, ref_ids = row[m.astype(bool)].tolist(), ref[m_ref.astype(bool)].tolist()
+        assert ids == ref_ids + tail
+    words = ["ADD", "N", "DELETE", "UPDATE", "XYZ", ""]
+    got = task.score_outputs(json_op_data, [TM.TOM], words, group=len(words))
+    want = op_task(op_data, smol).score_outputs(op_data, [TM.TOM], words, group=len(words))
+    np.testing.assert_array_equal(got["reward"], [1, 0, 0, 1, 0, 0])
+    for key in ("reward", "op", "invalid", "em", "f1"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_build_stats_roundtrip_keeps_invalid_counts():

@@ -74,7 +74,8 @@ class PipelineConfig:
     max_len: int = 64                  # tokens kept per memory in the bank tensors
     full_policy: str = "evict_lru"     # what ADD does on a full bank (mr1.memory.bank)
     retrieve_k: int = 10               # memories shown to the manager (Mem0: 10)
-    manager_format: str = "json"       # manager reply: "json" (paper) | "line" | "op" (one word)
+    manager_format: str = "json"       # manager reply, a key of prompts.MANAGER_FORMS: "json"
+                                       # (paper) | "line" | "op" (one word) | "json_op"
     manager_max_new_tokens: int = 96   # manager reply budget
     extract_max_new_tokens: int = 64   # fact extraction reply budget
     max_facts_per_turn: int = 4        # extracted facts kept per turn ("llm" facts)
@@ -90,8 +91,8 @@ class PipelineConfig:
         if self.conversations_per_batch < 1:
             raise ValueError("conversations_per_batch must be >= 1, got "
                              f"{self.conversations_per_batch}")
-        if self.manager_format not in P.MANAGER_PROMPTS:
-            raise ValueError(f"manager_format must be one of {sorted(P.MANAGER_PROMPTS)}, "
+        if self.manager_format not in P.MANAGER_FORMS:
+            raise ValueError(f"manager_format must be one of {sorted(P.MANAGER_FORMS)}, "
                              f"got {self.manager_format!r}")
 
     @classmethod
@@ -369,9 +370,13 @@ class MemoryBuilder:
         are applied to its own banks in fact order."""
         built = [self._manager_prompts(kept, emb) for kept, emb, _, _ in sessions]
         prompts = [p for ps, _ in built for p in ps]
-        choice = self.cfg.manager_format == "op"
-        outs = iter(self._generate(prompts, 1, allowed_tokens=op_choice_tokens(self.tokenize))
-                    if choice else self._generate(prompts, self.cfg.manager_max_new_tokens))
+        form = P.manager_form(self.cfg.manager_format)
+        choice = form.choice
+        forced = {"reply_prefix": form.reply_prefix} if form.reply_prefix else {}
+        outs = iter(self._generate(prompts, 1, allowed_tokens=op_choice_tokens(self.tokenize),
+                                   **forced)
+                    if choice else self._generate(prompts, self.cfg.manager_max_new_tokens,
+                                                  **forced))
         for (kept, emb, date, stats), (ps, shown) in zip(sessions, built):
             stats.manager_calls += len(ps)
             for (mem, fact), slots in zip(kept, shown):

@@ -7,7 +7,9 @@
   :data:`MEMORY_MANAGER_LINE` asks for the same op as one line (``ADD: text``,
   ``UPDATE <id>: text``, ``DELETE <id>``, ``NONE``); :data:`MEMORY_MANAGER_OP` asks for the op
   word only (sampled constrained to the four words; :func:`mr1.memory.ops.choice_to_op` derives
-  the target and text), the form a 135M model can learn on a CPU;
+  the target and text), the form a 135M model can learn on a CPU; :data:`MANAGER_FORMS` names
+  each form with how its reply is read, ``"json_op"`` being the JSON prompt with the reply
+  forced up to the ``event`` value and the op word constrained;
 * :data:`ANSWER_AGENT` -- shows the retrieved memories of each speaker with timestamps and asks
   the model to first list the relevant ones (memory distillation), then a final line
   ``**Answer:** <short answer>`` of under 6 words; :data:`ANSWER_AGENT_DIRECT` shows the same
@@ -20,6 +22,7 @@ prefill dominates the cost (see DESIGN.md §5).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 ANSWER_MARKER = "**Answer:**"
@@ -104,17 +107,50 @@ New fact: {fact}
 Reply with one word: ADD if the fact is new information, UPDATE if it adds to memory [0] \
 (they are merged), DELETE if it contradicts memory [0], NONE if it is already known."""
 
-MANAGER_PROMPTS = {"json": MEMORY_MANAGER, "line": MEMORY_MANAGER_LINE,
-                   "op": MEMORY_MANAGER_OP}
+JSON_EVENT_PREFIX = '{"memory": [{"event": "'  # the "json_op" reply, up to the op word
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagerForm:
+    """How the Memory Manager is asked and how its reply is read.
+
+    ``prompt``: the user message; ``choice``: the reply is one op word sampled from the four
+    op words only (:func:`mr1.memory.ops.op_choice_tokens`; UPDATE / DELETE act on memory
+    ``[0]``, the most similar, :func:`mr1.memory.ops.choice_to_op`), else free text parsed by
+    :func:`mr1.memory.ops.parse_ops`; ``reply_prefix``: text the reply is forced to start
+    with (appended after the chat template's assistant header), so the op word is the model's
+    next token there.
+    """
+
+    prompt: str
+    choice: bool = False
+    reply_prefix: str = ""
+
+
+MANAGER_FORMS: dict[str, ManagerForm] = {
+    "json": ManagerForm(MEMORY_MANAGER),              # the paper's (Mem0's) JSON reply
+    "line": ManagerForm(MEMORY_MANAGER_LINE),         # one op line
+    "op": ManagerForm(MEMORY_MANAGER_OP, choice=True),  # one op word, its own short prompt
+    # the paper's JSON prompt, its reply forced to '{"memory": [{"event": "' and the event
+    # constrained to an op word: the prompted JSON manager with every reply a valid op
+    "json_op": ManagerForm(MEMORY_MANAGER, choice=True, reply_prefix=JSON_EVENT_PREFIX),
+}
+MANAGER_PROMPTS = {name: form.prompt for name, form in MANAGER_FORMS.items()}
+
+
+def manager_form(name: str) -> ManagerForm:
+    """The :data:`MANAGER_FORMS` entry ``name`` (ValueError names the choices)."""
+    if name not in MANAGER_FORMS:
+        raise ValueError(f"manager prompt form must be one of {sorted(MANAGER_FORMS)}, "
+                         f"got {name!r}")
+    return MANAGER_FORMS[name]
 
 
 def memory_manager_prompt(speaker: str, fact: str, memories: Sequence[tuple[int | str, str]],
                           form: str = "json") -> str:
-    """The Memory Manager prompt; ``form`` is a key of :data:`MANAGER_PROMPTS`."""
-    if form not in MANAGER_PROMPTS:
-        raise ValueError(f"manager prompt form must be one of {sorted(MANAGER_PROMPTS)}, "
-                         f"got {form!r}")
-    return MANAGER_PROMPTS[form].format(speaker=speaker, fact=fact,
+    """The Memory Manager prompt (the user message); ``form`` is a key of
+    :data:`MANAGER_FORMS`."""
+    return manager_form(form).prompt.format(speaker=speaker, fact=fact,
                                         memories=format_memories(memories))
 
 

@@ -220,9 +220,10 @@ def first_op(text: str, num_shown: int) -> ParsedOp:
 
 def output_op(text: str, sample: ManagerSample, memory: ConversationMemory, form: str
               ) -> ParsedOp:
-    """The op of one manager output in prompt form ``form`` ("op": a one-word choice whose
-    target and text follow from the fact; otherwise the first op the parser finds)."""
-    if form == "op":
+    """The op of one manager output in prompt form ``form`` (a choice form, "op" or
+    "json_op": a one-word choice whose target and text follow from the fact; otherwise the
+    first op the parser finds)."""
+    if PR.manager_form(form).choice:
         texts = memory.speakers[sample.speaker].texts
         return parse_op_choice(text, sample.fact, [texts[s] or "" for s in sample.shown])
     return first_op(text, len(sample.shown))
@@ -311,9 +312,10 @@ class ManagerTask:
 
     def __post_init__(self):
         self.tokenize = make_tokenize(self.policy)
-        # the "op" form samples one constrained word (the op) per output
-        self.allowed_tokens = (op_choice_tokens(self.tokenize)
-                               if self.pipeline.manager_format == "op" else ())
+        # a choice form ("op", "json_op") samples one constrained word (the op) per output,
+        # after the form's forced reply prefix (part of the encoded prompt)
+        self.form = PR.manager_form(self.pipeline.manager_format)
+        self.allowed_tokens = op_choice_tokens(self.tokenize) if self.form.choice else ()
         if self.allowed_tokens:
             self.max_new_tokens = 1
         self.train_ids, self.train_mask = self._encode(self.train.prompts)
@@ -326,7 +328,7 @@ class ManagerTask:
     def _encode(self, prompts):
         if not prompts:
             return np.zeros((0, PAD_MULTIPLE), np.int32), np.zeros((0, PAD_MULTIPLE), np.int32)
-        ids = encode_prompts(self.policy, prompts, chat=True)
+        ids = encode_prompts(self.policy, prompts, chat=True, reply_prefix=self.form.reply_prefix)
         length = -(-max(map(len, ids)) // PAD_MULTIPLE) * PAD_MULTIPLE
         return left_pad(ids, self.policy.pad_token_id, length)
 
