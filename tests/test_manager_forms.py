@@ -355,7 +355,8 @@ def test_pipeline_config_validates_manager_format():
     assert PipelineConfig.from_mapping({"manager_format": "op", "x": 1}).manager_format == "op"
 
 
-def test_pipeline_op_form_end_to_end_with_the_constrained_sampler(smol):
+@pytest.mark.parametrize("form", ["op", "json_op"])
+def test_pipeline_op_form_end_to_end_with_the_constrained_sampler(smol, form):
     """The real ``generate`` on the random ``tiny-smollm2``: every manager output is one of the
     op words' first tokens, so nothing is malformed (only UPDATE/DELETE of an empty bank can be
     invalid)."""
@@ -367,7 +368,7 @@ def test_pipeline_op_form_end_to_end_with_the_constrained_sampler(smol):
         outputs.extend(out.texts)
         return out
 
-    cfg = PipelineConfig(manager="llm", manager_format="op", num_slots=16, max_len=32,
+    cfg = PipelineConfig(manager="llm", manager_format=form, num_slots=16, max_len=32,
                          retrieve_k=2, batch_size=16)
     mem = MemoryBuilder(cfg, EMB, policy=smol, generate_fn=gen).build(script_conv())
     words = {smol.tokenizer.decode([t]) for t in op_choice_tokens(make_tokenize(smol))}

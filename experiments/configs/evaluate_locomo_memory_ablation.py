@@ -35,13 +35,15 @@ with distillation), and one trained without it:
         --config.checkpoint=runs/grpo_answer_nodistill/best --config.answer.distill=False \
         --workdir=runs/abl/rl_rlnodistill_nodistill
 
-Same prompts and budgets as the RL configs (observations as facts; the manager shown the 5
-most similar memories and choosing the op as one constrained word, ``memory.manager_format="op"``;
+Same prompts and budgets as the RL configs (observations as facts; the manager given the
+paper's JSON prompt with the 5 most similar memories, its reply forced up to the op word and
+the op word constrained, ``memory.manager_format="json_op"``;
 2 x 5 memories and 32 new tokens for the answer) and the same 128 seeded test questions as
 ``evaluate_locomo_rl.py`` (16 per test conversation; every fact of the 8 conversations, 2,188,
 goes through the manager); ``--config.max_questions_per_conversation=0`` answers all 1,307.
-``--config.memory.manager=add_all`` gives the no-manager reference (every fact ADDed) and
-``--config.memory.manager_format=json`` the paper's JSON prompt.
+``--config.memory.manager=add_all`` gives the no-manager reference (every fact ADDed),
+``--config.memory.manager_format=json`` the paper's JSON prompt with a free reply and
+``--config.memory.manager_format=op`` the one-word prompt.
 """
 
 import pathlib
@@ -54,6 +56,6 @@ def get_config():
     c = _base["get_config"]()
     c.memory.manager = "llm"            # the Memory Manager decides every fact's op
     c.memory.retrieve_k = 5             # as in locomo_smollm2_135m_grpo_memory.py
-    c.memory.manager_format = "op"      # as in locomo_smollm2_135m_grpo_memory.py
+    c.memory.manager_format = "json_op"  # as in locomo_smollm2_135m_grpo_memory.py
     c.memory.manager_max_new_tokens = 64
     return c

@@ -5,13 +5,14 @@
         --config.answer.checkpoint=runs/grpo_answer/best --workdir=runs/grpo_memory
 
 Training data (mr1.rl.memory_task): every LoCoMo observation of ``conv-26`` whose turn is
-evidence for a QA (99 facts, 121 linked QAs), each with the temporal bank of all preceding
-turns; validation: the same on ``conv-30``. The manager sees ``memory.retrieve_k`` related
-memories and writes the paper's JSON; ``G`` outputs per fact are applied to copies of the bank
-and the frozen Answer Agent (``answer.checkpoint``; "" = the base model) answers the linked
-QAs. CPU-scale choices (the paper's 8B setup in comments): the reward adds F1 to EM (a 135M
-Answer Agent rarely hits EM; equal rewards give no gradient) and a small penalty for malformed
-or refused ops; optimiser and loss settings are the Answer Agent's.
+evidence for a QA (104 facts linked to 121 QAs), each with the temporal bank of all preceding
+turns; validation: the same on ``conv-30``. The manager gets the paper's JSON prompt with
+``memory.retrieve_k`` related memories and its reply's op word is sampled from the four op
+words (``memory.manager_format="json_op"``); ``G`` outputs per fact are applied to copies of
+the bank and the frozen Answer Agent (``answer.checkpoint``; "" = the base model) answers
+the linked QAs. CPU-scale choices (the paper's 8B setup in comments): the reward adds F1 to EM
+(a 135M Answer Agent rarely hits EM; equal rewards give no gradient) and a small penalty for
+malformed or refused ops; optimiser and loss settings are the Answer Agent's.
 """
 
 import pathlib
@@ -24,18 +25,21 @@ _base = runpy.run_path(str(pathlib.Path(__file__).with_name("locomo_smollm2_135m
 
 def get_config():
     c = _base["get_config"]()
-    c.num_steps = 30                    # 30 x 4 = 120 facts (about one pass over the 99)
+    c.num_steps = 20                    # 20 x 4 = 80 facts (of the 104)
     c.rollout.prompts_per_step = 4      # facts per step (the answer config's default is 8)
     c.loss.normalize_std = True         # GRPO (r - mean) / std, as measured (docs/training.md)
     c.data = ml_collections.ConfigDict()
     c.data.max_train_samples = 0        # 0 = every training fact
 
     c.memory.retrieve_k = 5             # related memories shown to the manager (Mem0: 10)
-    c.memory.manager_format = "op"      # "op": one constrained word (ADD / UPDATE / DELETE /
-                                        # NONE; UPDATE and DELETE act on the most similar memory,
-                                        # UPDATE appends the fact to it, ADD writes the fact);
-                                        # "json" (the paper's) or "line": free text, which
-                                        # SmolLM2-135M sampled at T=1 almost never gets right
+    c.memory.manager_format = "json_op"  # the paper's JSON prompt, the reply forced to
+                                        # '{"memory": [{"event": "' and the op word (ADD /
+                                        # UPDATE / DELETE / NONE) constrained; UPDATE and DELETE
+                                        # act on the most similar memory, UPDATE appends the
+                                        # fact to it, ADD writes the fact. "json" (free JSON) or
+                                        # "line": free text, which SmolLM2-135M sampled at T=1
+                                        # almost never gets right; "op": one word after a short
+                                        # prompt of its own (the untrained model ADDs every fact)
 
     c.manager = ml_collections.ConfigDict()
     c.manager.max_new_tokens = 64       # "json"/"line" reply budget (paper: 2048); "op": 1
