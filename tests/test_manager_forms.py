@@ -27,6 +27,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -576,6 +577,27 @@ def test_json_op_task_forces_the_reply_and_scores_like_the_op_form(json_op_data,
     np.testing.assert_array_equal(got["reward"], [1, 0, 0, 1, 0, 0])
     for key in ("reward", "op", "invalid", "em", "f1"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_memory_dirs_of_different_manager_forms_do_not_mix(tmp_path):
+    """Banks of the same manager checkpoint in another reply form are another identity: a
+    memory dir built in one form refuses to resume in another (JSON identities as before)."""
+    from mr1.agents.pipeline import claim_memory_dir, manager_identity
+
+    def config(manager, form):
+        return ml_collections.ConfigDict({"model": "smollm2-135m-instruct", "memory": {
+            "manager": manager, "manager_format": form, "manager_checkpoint": "runs/m/best",
+            "facts": "observations"}})
+
+    ids = {f: manager_identity(config("llm", f)) for f in ("json", "op", "json_op")}
+    assert "manager_format" not in ids["json"]
+    assert ids["op"]["manager_format"] == "op" and ids["json_op"]["manager_format"] == "json_op"
+    assert "manager_format" not in manager_identity(config("add_all", "json_op"))
+    assert not claim_memory_dir(tmp_path, ids["json_op"])
+    assert claim_memory_dir(tmp_path, ids["json_op"])
+    for other in ("op", "json"):
+        with pytest.raises(ValueError, match="pick another"):
+            claim_memory_dir(tmp_path, ids[other])
 
 
 def test_build_stats_roundtrip_keeps_invalid_counts():

@@ -458,10 +458,15 @@ def manager_identity(config) -> dict[str, str]:
     A benchmark other than LoCoMo adds ``"data"`` ("longmemeval/oracle", "longmemeval/s",
     "msc"): LongMemEval's oracle and S haystacks share question ids, so their banks must not
     mix. LoCoMo identities stay as they were (memory dirs built before the field resume).
+    An LLM manager in a reply form other than the paper's JSON adds ``"manager_format"``
+    (``"op"`` and ``"json_op"`` banks differ from the same checkpoint's JSON banks).
     """
     ckpt = config.memory.get("manager_checkpoint", "") or ""
     identity = {"manager": config.memory.manager, "manager_checkpoint": os.path.normpath(ckpt)
                 if ckpt else "", "model": config.model, "facts": config.memory.facts}
+    form = config.memory.get("manager_format", "json")
+    if config.memory.manager != "add_all" and form != "json":
+        identity["manager_format"] = form
     name = benchmark_name(config)
     if name == "longmemeval":
         identity["data"] = f"longmemeval/{config.get('longmemeval_variant') or 'oracle'}"

@@ -151,7 +151,7 @@ def memory_manager_prompt(speaker: str, fact: str, memories: Sequence[tuple[int 
     """The Memory Manager prompt (the user message); ``form`` is a key of
     :data:`MANAGER_FORMS`."""
     return manager_form(form).prompt.format(speaker=speaker, fact=fact,
-                                        memories=format_memories(memories))
+                                            memories=format_memories(memories))
 
 
 ANSWER_AGENT_DIRECT = _ANSWER_MEMORIES + """Reply with one line only:
