@@ -372,11 +372,11 @@ class MemoryBuilder:
         prompts = [p for ps, _ in built for p in ps]
         form = P.manager_form(self.cfg.manager_format)
         choice = form.choice
-        forced = {"reply_prefix": form.reply_prefix} if form.reply_prefix else {}
-        outs = iter(self._generate(prompts, 1, allowed_tokens=op_choice_tokens(self.tokenize),
-                                   **forced)
-                    if choice else self._generate(prompts, self.cfg.manager_max_new_tokens,
-                                                  **forced))
+        kw = {"allowed_tokens": op_choice_tokens(self.tokenize)} if choice else {}
+        if form.reply_prefix:
+            kw["reply_prefix"] = form.reply_prefix
+        outs = iter(self._generate(prompts, 1 if choice else self.cfg.manager_max_new_tokens,
+                                   **kw))
         for (kept, emb, date, stats), (ps, shown) in zip(sessions, built):
             stats.manager_calls += len(ps)
             for (mem, fact), slots in zip(kept, shown):
