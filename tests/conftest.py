@@ -1,11 +1,27 @@
 """Shared fixtures: the embedded model (skipped with a reason when its file is unavailable) and
-the test-only PyTorch reference (skipped when torch is not installed)."""
+the test-only PyTorch reference (skipped when torch is not installed); the suite's matmul
+precision and its markers.
+
+Precision: the suite compares float32 values against references (HF PyTorch, full forwards,
+numpy) at tolerances near float32 rounding, so it runs every JAX matmul at
+:data:`SUITE_MATMUL_PRECISION` (``"highest"``: true float32 on every backend; XLA's default on
+NVIDIA GPUs is TF32, which put the sampler's log-probs 1.2e-4 off on an H200). The
+``MR1_TEST_MATMUL_PRECISION`` environment variable changes it (``default``: the backend's own),
+subprocesses inherit it through ``JAX_DEFAULT_MATMUL_PRECISION``, and
+``@pytest.mark.matmul_precision("default")`` runs one test at another precision.
+
+Markers: ``device`` selects the accelerator-relevant tests (sampling, kernels, train step,
+losses, memory bank, LoRA, parallel) that a GPU session runs with ``pytest -m device`` in a
+few minutes, compiles included (launch/device_check.sh); ``slow`` marks multi-minute tests.
+"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+SUITE_MATMUL_PRECISION = os.environ.get("MR1_TEST_MATMUL_PRECISION", "highest")
 
 
 def _embedded_gguf():
@@ -59,3 +75,27 @@ def hf_embedded(embedded_gguf, torch_mod):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs several trainer subprocesses (minutes); "
                                        "deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "device: the accelerator-relevant selection a GPU "
+                                       "session runs (pytest -m device; launch/device_check.sh)")
+    config.addinivalue_line("markers", "matmul_precision(name): run the test at this JAX "
+                                       "matmul precision instead of the suite's")
+    import jax
+
+    precision = None if SUITE_MATMUL_PRECISION == "default" else SUITE_MATMUL_PRECISION
+    jax.config.update("jax_default_matmul_precision", precision)
+    if precision:
+        os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", precision)
+
+
+@pytest.fixture(autouse=True)
+def _test_matmul_precision(request):
+    """A test marked ``matmul_precision(name)`` runs under ``jax.default_matmul_precision``."""
+    marker = request.node.get_closest_marker("matmul_precision")
+    if marker is None:
+        yield
+        return
+    import jax
+
+    name = marker.args[0]
+    with jax.default_matmul_precision(None if name == "default" else name):
+        yield

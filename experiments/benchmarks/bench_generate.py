@@ -66,11 +66,12 @@ def build_prompts(policy, n: int, target_tokens: int) -> list[list[int]]:
     return prompts
 
 
-def bench_mr1(policy, prompts, repeats, samples=1):
+def bench_mr1(policy, prompts, repeats, samples=1, new_tokens=NEW_TOKENS):
+    """Median seconds of a 1-new-token and a ``new_tokens`` call (both compiled first)."""
     run = lambda new: generate(policy, prompts, max_new_tokens=new, temperature=1.0,
-                               seed=0, ignore_eos=True, num_samples=samples)
-    run(1), run(NEW_TOKENS)  # compile both shapes
-    return timed(lambda: run(1), repeats), timed(lambda: run(NEW_TOKENS), repeats)
+                               seed=0, ignore_eos=True, num_samples=samples, chat=False)
+    run(1), run(new_tokens)  # compile both shapes
+    return timed(lambda: run(1), repeats), timed(lambda: run(new_tokens), repeats)
 
 
 def load_hf():
@@ -84,24 +85,30 @@ def load_hf():
     return model.eval()
 
 
-def bench_hf(model, prompts, pad_id, repeats, samples=1):
+def bench_hf(model, prompts, pad_id, repeats, samples=1, new_tokens=NEW_TOKENS):
+    """Median seconds of HF ``generate`` for 1 and ``new_tokens`` new tokens (the model's
+    device; CUDA is synchronised before each timer stops)."""
     import torch
 
     from mr1.sampling import left_pad
 
     ids, mask = left_pad(prompts, pad_id)
-    ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    device = next(model.parameters()).device
+    ids = torch.tensor(ids, dtype=torch.long, device=device)
+    mask = torch.tensor(mask, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run(new):
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                            top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
                            pad_token_id=pad_id, num_return_sequences=samples)
+        sync()
 
     with torch.inference_mode():  # warm-up: torch's first call pays one-off initialisation
         model.generate(input_ids=ids[:1], attention_mask=mask[:1], do_sample=True,
                        max_new_tokens=2, pad_token_id=pad_id)
-    return timed(lambda: run(1), repeats), timed(lambda: run(NEW_TOKENS), repeats)
+    return timed(lambda: run(1), repeats), timed(lambda: run(new_tokens), repeats)
 
 
 def main():

@@ -121,14 +121,16 @@ def warm_and_time(fn, repeats: int) -> tuple[float, float]:
     return time.perf_counter() - t, timed(fn, repeats)
 
 
-def bench_update(policy, arrays, p, g, mb, lr, repeats):
+def bench_update(policy, arrays, p, g, mb, lr, repeats, loss_cfg=None, seed=0):
+    """(compile s, median s, metrics) of the GRPO update (``loss_cfg``: default
+    ``LossConfig()``) on ``arrays`` in micro-batches of ``mb`` prompts."""
     cfg = policy.config
     optimizer = make_optimizer(lr)
     # the update donates its state: copy the params so policy.params stays usable (rollout)
     params = {"policy": jax.tree.map(jnp.array, policy.params)}
-    box = {"state": init_train_state(params, optimizer, _SEED.value)}
+    box = {"state": init_train_state(params, optimizer, seed)}
     batch = jax.device_put(split_microbatches(arrays, p, g, mb))
-    update = make_update(cfg, LossConfig(), optimizer)
+    update = make_update(cfg, loss_cfg or LossConfig(), optimizer)
     metrics = {}
 
     def step():
@@ -198,7 +200,8 @@ def main(argv):
 
     rows = []
     if "update" in _PHASES.value:
-        compile_s, s, m = bench_update(policy, arrays, p, g, mb, _LEARNING_RATE.value, repeats)
+        compile_s, s, m = bench_update(policy, arrays, p, g, mb, _LEARNING_RATE.value, repeats,
+                                       seed=_SEED.value)
         flops = update_flops(cfg, lengths, g, t_c)
         padded = update_flops(cfg, padded_lengths, g, t_c)
         met = "met" if flops / s / (peak * 1e9) >= UPDATE_MFU_TARGET else "not met"

@@ -10,6 +10,12 @@ import dataclasses
 from typing import Any, Callable
 
 
+# None = the backend's default (see ModelConfig.matmul_precision).
+MATMUL_PRECISIONS = (None, "default", "high", "highest")
+# The decode-attention kernels (mr1.models.kernels.DECODE_ATTENTION holds their functions).
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style RoPE frequency scaling (``rope_type: llama3`` in HF configs)."""
@@ -46,6 +52,17 @@ class ModelConfig:
       attention_chunk: > 0: attention over query blocks of this many positions (sequences
         longer than it and divisible by it), each rematerialised: memory-efficient attention
         for long training sequences. 0 = one block.
+      matmul_precision: the precision of the model's float32 matmuls (``"default"``,
+        ``"high"``, ``"highest"``; see ``jax.default_matmul_precision``). None = the backend's
+        default: exact float32 on CPU, but TF32 on NVIDIA GPUs (logits off by ~1e-3 at the
+        SmolLM2 shape) and bfloat16 passes on TPU. ``"highest"`` gives true float32 on every
+        backend at a throughput cost on GPUs; bfloat16 compute is unaffected.
+        :meth:`mr1.models.Policy.logits` uses ``"highest"`` unless this is set.
+      attention_impl: the attention kernel of decode steps (one query position against the
+        KV cache), a name in :data:`mr1.models.kernels.DECODE_ATTENTION`: ``"xla"`` (the
+        einsum path, the default) or ``"pallas"`` (a fused Pallas decode-attention kernel;
+        compiled for GPUs, run in Pallas interpret mode elsewhere). Prefill and training
+        always use the XLA path.
     """
 
     name: str
@@ -68,6 +85,8 @@ class ModelConfig:
     arch: str = "llama"
     compute_dtype: str | None = None
     attention_chunk: int = 0
+    matmul_precision: str | None = None
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -75,6 +94,11 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision={self.matmul_precision!r}; one of "
+                             f"{MATMUL_PRECISIONS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; one of {ATTENTION_IMPLS}")
 
     @property
     def num_params(self) -> int:
@@ -102,10 +126,12 @@ class ModelConfig:
 
 def execution_overrides(run_config) -> dict[str, Any]:
     """The :class:`ModelConfig` fields an experiment config sets on top of the weights' own:
-    ``compute_dtype`` and ``parallel.attention_chunk`` (same weights, another execution)."""
+    ``compute_dtype``, ``matmul_precision``, ``attention_impl`` and
+    ``parallel.attention_chunk`` (same weights, another execution)."""
     changes: dict[str, Any] = {}
-    if run_config.get("compute_dtype", ""):
-        changes["compute_dtype"] = run_config["compute_dtype"]
+    for name in ("compute_dtype", "matmul_precision", "attention_impl"):
+        if run_config.get(name, ""):
+            changes[name] = run_config[name]
     chunk = int((run_config.get("parallel") or {}).get("attention_chunk", 0) or 0)
     if chunk:
         changes["attention_chunk"] = chunk

