@@ -10,11 +10,13 @@
 #      (--no-index --no-deps) and puts it and the repo on PYTHONPATH;
 #   2. $OUT/env.txt: nvidia-smi and the versions of python, jax, flax, torch, transformers;
 #   3. pytest -m device over the test files that hold such tests, at most TEST_LIMIT s
-#      (default 200) -> $OUT/pytest_device.txt;
-#   4. experiments/benchmarks/bench_device.py --out $OUT, at most BENCH_LIMIT s (default 330;
+#      (default 190) -> $OUT/pytest_device.txt;
+#   4. experiments/benchmarks/bench_device.py --out $OUT, at most BENCH_LIMIT s (default 320;
 #      no row starts after BENCH_LIMIT - 60 s) -> $OUT/bench_device.{json,md,log};
 #   5. $OUT/summary.txt: the exit status of each step and the pytest tally.
 # STAGES=tests or STAGES=bench runs one of steps 3-4 (STAGES=none: steps 1-2 only);
+# STAGES=probe: the rollout_7b row again with XLA_FLAGS=$PROBE_FLAGS (default: dynamic-slice
+# fusion), at most PROBE_LIMIT s (default 150) -> $OUT/probe/bench_device.{json,md};
 # BENCH_ARGS adds arguments to bench_device.py (--smoke: the CPU shapes; --rows=...).
 # Exits non-zero if a step failed.
 set -uo pipefail
@@ -23,14 +25,16 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
 OUT=${OUT:-$REPO/device_out}
 PY=${PYTHON:-python3}
-TEST_LIMIT=${TEST_LIMIT:-200}
-BENCH_LIMIT=${BENCH_LIMIT:-330}
+TEST_LIMIT=${TEST_LIMIT:-190}
+BENCH_LIMIT=${BENCH_LIMIT:-320}
 STAGES=${STAGES:-tests,bench}
+PROBE_LIMIT=${PROBE_LIMIT:-150}
+PROBE_FLAGS=${PROBE_FLAGS:---xla_gpu_enable_dynamic_slice_fusion=true}
 SITE=${MR1_SITE:-/tmp/mr1_site}
 mkdir -p "$OUT"
 
 if [[ ${1-} == -h || ${1-} == --help ]]; then
-  sed -n '2,21p' "$0"
+  sed -n '2,24p' "$0"
   exit 0
 fi
 
@@ -62,6 +66,7 @@ cat "$OUT/env.txt"
 
 tests_rc=skipped
 bench_rc=skipped
+probe_rc=skipped
 if [[ ,$STAGES, == *,tests,* ]]; then
   mapfile -t files < <(grep -l "mark.device" tests/test_*.py)
   echo "+ pytest -m device ${files[*]} (limit ${TEST_LIMIT} s)"
@@ -69,6 +74,15 @@ if [[ ,$STAGES, == *,tests,* ]]; then
     --durations=20 -o console_output_style=classic "${files[@]}" 2>&1 \
     | tee "$OUT/pytest_device.txt"
   tests_rc=${PIPESTATUS[0]}
+fi
+if [[ ,$STAGES, == *,probe,* ]]; then
+  # the 7B decode step with XLA's dynamic-slice fusion (layer weights read in place by the
+  # GEMMs instead of copied out of the stacked [L, ...] arrays first)
+  echo "+ XLA_FLAGS=$PROBE_FLAGS bench_device.py --rows=rollout_7b --out $OUT/probe"
+  XLA_FLAGS="$PROBE_FLAGS" timeout -k 10 "$PROBE_LIMIT" "$PY" \
+    experiments/benchmarks/bench_device.py --rows=rollout_7b --out "$OUT/probe" 2>&1 \
+    | tail -n 40
+  probe_rc=${PIPESTATUS[0]}
 fi
 if [[ ,$STAGES, == *,bench,* ]]; then
   read -ra bench_args <<<"${BENCH_ARGS:-}"
@@ -83,8 +97,9 @@ fi
   echo "pytest -m device: exit $tests_rc (124 = stopped at ${TEST_LIMIT} s)"
   [[ -f $OUT/pytest_device.txt ]] && grep -E "passed|failed|error" "$OUT/pytest_device.txt" | tail -n 1
   echo "bench_device.py: exit $bench_rc (124 = stopped at ${BENCH_LIMIT} s)"
+  echo "probe (XLA_FLAGS=$PROBE_FLAGS, rollout_7b): exit $probe_rc"
 } | tee "$OUT/summary.txt"
-for rc in "$tests_rc" "$bench_rc"; do
+for rc in "$tests_rc" "$bench_rc" "$probe_rc"; do
   [[ $rc == skipped || $rc == 0 ]] || exit 1
 done
 exit 0

@@ -35,6 +35,7 @@ def _random_b(lora, seed=1):
                        for n, ab in lora["layers"].items()}}
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_zero_b_merges_to_the_base_exactly(dtype):
     base = load_policy("tiny", seed=0, dtype=dtype).params
@@ -53,6 +54,7 @@ def test_zero_b_merges_to_the_base_exactly(dtype):
     assert merged["embed"] is base["embed"]  # untouched leaves are the base's own
 
 
+@pytest.mark.device
 def test_merge_is_w_plus_scaled_a_b():
     base = load_policy("tiny", seed=0).params
     targets = ("wq", "w_down")
@@ -108,6 +110,7 @@ def _grad_capture():
         update=lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
 
 
+@pytest.mark.device
 def test_lora_update_matches_full_fine_tuning_at_step_0():
     pol, a = _advantaged()
     base = pol.params
@@ -134,6 +137,7 @@ def test_lora_update_matches_full_fine_tuning_at_step_0():
         np.testing.assert_array_equal(np.asarray(g["a"]), 0.0)  # dL/da = s dL/dW b^T, b = 0
 
 
+@pytest.mark.device
 def test_lora_update_trains_only_the_adapters():
     pol, a = _advantaged()
     base = pol.params

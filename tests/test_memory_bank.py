@@ -35,6 +35,7 @@ def act(bank, policy=None, **kw):
 
 # ----------------------------------------------------------------------------- unit behaviour
 
+@pytest.mark.device
 def test_add_fills_first_free_slot_then_policy_decides():
     bank = mb.empty_bank(S, L, D)
     for i in range(S):
@@ -52,6 +53,7 @@ def test_add_fills_first_free_slot_then_policy_decides():
     assert int(r.evicted) == 0 and int(oldest.created[0]) == S + 1
 
 
+@pytest.mark.device
 def test_update_keeps_id_delete_clears_and_refusals():
     bank = mb.empty_bank(S, L, D, pad_id=5)
     bank, _ = act(bank, op=mb.OpCode.ADD, tokens=[1, 2, 3], embedding=[3, 4, 0, 0], speaker=1)
@@ -90,6 +92,7 @@ def test_unknown_policy_raises():
         mb.empty_bank(S, L, D, full_policy="lifo")
 
 
+@pytest.mark.device
 def test_retrieve_fewer_than_k_speaker_filter_and_k_above_slots():
     bank = mb.empty_bank(S, L, D)
     for emb, spk in [([1, 0, 0, 0], 0), ([0, 1, 0, 0], 1), ([1, 1, 0, 0], 1)]:
@@ -103,6 +106,7 @@ def test_retrieve_fewer_than_k_speaker_filter_and_k_above_slots():
     assert r0.indices.tolist() == [0, -1] and r0.mask.tolist() == [True, False]
 
 
+@pytest.mark.device
 def test_retrieve_many_equals_vmapped_retrieve():
     rng = np.random.default_rng(5)
     bank = mb.empty_bank(S, L, D)
@@ -203,12 +207,14 @@ def test_vmapped_banks_match_reference_every_step(policy, seqs, qseed):
     assert check_traces(seqs, queries, out, policy, K) == sum(map(len, seqs))
 
 
+@pytest.mark.device
 def test_trace_compiled_once():
     # The hypothesis tests above reuse one executable per policy.
     for fn in TRACE.values():
         assert fn._cache_size() <= 1
 
 
+@pytest.mark.device
 def test_batched_apply_equals_vmap_of_scan():
     rng = np.random.default_rng(1)
     from tests.conftest_memory import random_ops

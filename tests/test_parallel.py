@@ -84,12 +84,14 @@ def test_shard_bytes_divides_by_the_axes_used():
     assert par.shard_bytes((10, 7), 4, PS(("data", "fsdp"), None), sizes) == 1 * 7 * 4
 
 
+@pytest.mark.device
 def test_make_mesh_default_is_all_data():
     mesh = par.make_mesh()
     assert mesh.axis_names == par.MESH_AXES
     assert par.mesh_shape(mesh).as_tuple() == (jax.device_count(), 1, 1)
 
 
+@pytest.mark.device
 def test_remat_gives_the_same_loss_and_gradients():
     from mr1.rl import train_step as TS
 
@@ -111,6 +113,7 @@ def test_remat_gives_the_same_loss_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.device
 def test_attention_and_logit_chunks_give_the_same_loss_and_gradients():
     """Query-block attention (ModelConfig.attention_chunk) and blockwise log-probs
     (logit_chunk) are memory layouts: same log-probs, entropies and gradients as one block."""

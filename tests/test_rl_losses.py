@@ -11,6 +11,8 @@ from mr1.rl import advantages as A
 from mr1.rl import losses as L
 from mr1.rl import rewards as R
 
+pytestmark = pytest.mark.device  # all of it: the accelerator selection (conftest.py)
+
 B, T = 4, 6
 
 

@@ -54,6 +54,7 @@ def _full_forward_logp(pol, arrays):
                                      jnp.asarray(arrays["tokens"])))
 
 
+@pytest.mark.device
 def test_scoring_matches_sampler_and_full_forward():
     pol, a = _rollout()
     out = TS.score_completions(pol.params, pol.config, a["prompt_ids"], a["prompt_mask"],
@@ -81,6 +82,7 @@ def _advantaged(seed=0):
     return pol, a
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
 def test_microbatching_gives_the_global_batch_update(agg):
     pol, a = _advantaged()
@@ -94,6 +96,7 @@ def test_microbatching_gives_the_global_batch_update(agg):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
+@pytest.mark.device
 def test_equal_rewards_give_zero_gradient():
     pol, a = _rollout()
     a["advantages"] = np.asarray(group_advantages(np.full(P * G, 0.7, np.float32), G))
@@ -103,6 +106,7 @@ def test_equal_rewards_give_zero_gradient():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.device
 def test_nan_loss_skips_the_update():
     pol, a = _advantaged()
     a["advantages"][3] = np.nan
@@ -123,6 +127,7 @@ def test_nan_loss_skips_the_update():
                zip(jax.tree.leaves(state2.params), jax.tree.leaves(state0.params)))
 
 
+@pytest.mark.device
 def test_ppo_critic_learns_the_returns():
     pol, a = _rollout()
     returns = np.random.default_rng(1).random(a["tokens"].shape).astype(np.float32)

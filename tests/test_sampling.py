@@ -11,6 +11,8 @@ from mr1 import sampling
 from mr1.models import load_policy
 from mr1.sampling import bucket_length, generate, left_pad
 
+pytestmark = pytest.mark.device  # all of it: the accelerator selection (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def tiny():

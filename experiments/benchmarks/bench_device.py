@@ -200,9 +200,12 @@ def _copy_bandwidth(mib: int) -> float:
     return 2 * x.nbytes / timed(lambda: f(x).block_until_ready(), 5)
 
 
-def _free():
-    """Drops compiled programs and dead buffers between rows (the big rows need the memory)."""
+def _free(clear_compiled: bool = True):
+    """Drops dead buffers (and compiled programs) between rows: the big rows need the memory.
+    Smoke runs keep the compiled programs, so rows of the same shape compile once."""
     gc.collect()
+    if not clear_compiled:
+        return
     jax.clear_caches()
     from mr1 import sampling
 
@@ -421,14 +424,17 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="folder for bench_device.json / .md")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, CI)")
     ap.add_argument("--rows", default="", help=f"comma-separated subset of {ROW_IDS}")
-    ap.add_argument("--budget_s", type=float, default=330.0,
-                    help="no row starts after this many seconds (the rest: skipped)")
+    ap.add_argument("--budget_s", type=float, default=None,
+                    help="no row starts after this many seconds (the rest: skipped); default "
+                         "330, none with --smoke")
     args = ap.parse_args(argv)
     wanted = [r for r in args.rows.split(",") if r] or ROW_IDS
     unknown = sorted(set(wanted) - set(ROW_IDS))
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {ROW_IDS}")
-    run = Run(SMOKE if args.smoke else FULL, pathlib.Path(args.out), args.smoke, args.budget_s)
+    budget = args.budget_s if args.budget_s is not None else (float("inf") if args.smoke
+                                                              else 330.0)
+    run = Run(SMOKE if args.smoke else FULL, pathlib.Path(args.out), args.smoke, budget)
     print(f"device: {run.meta()['device']}\n" + table_header(COLUMNS, "llllll"), flush=True)
     for rid, what, baseline, fn in ROWS:
         if rid not in wanted:
@@ -445,7 +451,7 @@ def main(argv=None):
                 traceback.print_exc()
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             row["row_s"] = round(time.perf_counter() - t, 1)
-            _free()
+            _free(clear_compiled=not run.smoke)
         run.record(row)
     print(f"\nwrote {run.out / 'bench_device.json'} and {run.out / 'bench_device.md'} "
           f"({time.perf_counter() - run.start:.0f} s)")
