@@ -16,7 +16,8 @@
 #   5. $OUT/summary.txt: the exit status of each step and the pytest tally.
 # STAGES=tests or STAGES=bench runs one of steps 3-4 (STAGES=none: steps 1-2 only);
 # STAGES=probe: the rollout_7b row again with XLA_FLAGS=$PROBE_FLAGS (default: dynamic-slice
-# fusion), at most PROBE_LIMIT s (default 150) -> $OUT/probe/bench_device.{json,md};
+# fusion), then the rollout_7b_unrolled row, each at most PROBE_LIMIT s (default 150)
+# -> $OUT/probe/ and $OUT/unrolled/bench_device.{json,md};
 # BENCH_ARGS adds arguments to bench_device.py (--smoke: the CPU shapes; --rows=...).
 # Exits non-zero if a step failed.
 set -uo pipefail
@@ -77,12 +78,18 @@ if [[ ,$STAGES, == *,tests,* ]]; then
 fi
 if [[ ,$STAGES, == *,probe,* ]]; then
   # the 7B decode step with XLA's dynamic-slice fusion (layer weights read in place by the
-  # GEMMs instead of copied out of the stacked [L, ...] arrays first)
+  # GEMMs instead of copied out of the stacked [L, ...] arrays first), then with the layers
+  # unrolled (static weight slices)
   echo "+ XLA_FLAGS=$PROBE_FLAGS bench_device.py --rows=rollout_7b --out $OUT/probe"
   XLA_FLAGS="$PROBE_FLAGS" timeout -k 10 "$PROBE_LIMIT" "$PY" \
     experiments/benchmarks/bench_device.py --rows=rollout_7b --out "$OUT/probe" 2>&1 \
     | tail -n 40
   probe_rc=${PIPESTATUS[0]}
+  echo "+ bench_device.py --rows=rollout_7b_unrolled --out $OUT/unrolled"
+  timeout -k 10 "$PROBE_LIMIT" "$PY" experiments/benchmarks/bench_device.py \
+    --rows=rollout_7b_unrolled --out "$OUT/unrolled" 2>&1 | tail -n 40
+  unrolled_rc=${PIPESTATUS[0]}
+  [[ $unrolled_rc == 0 ]] || probe_rc=$unrolled_rc
 fi
 if [[ ,$STAGES, == *,bench,* ]]; then
   read -ra bench_args <<<"${BENCH_ARGS:-}"
@@ -97,7 +104,7 @@ fi
   echo "pytest -m device: exit $tests_rc (124 = stopped at ${TEST_LIMIT} s)"
   [[ -f $OUT/pytest_device.txt ]] && grep -E "passed|failed|error" "$OUT/pytest_device.txt" | tail -n 1
   echo "bench_device.py: exit $bench_rc (124 = stopped at ${BENCH_LIMIT} s)"
-  echo "probe (XLA_FLAGS=$PROBE_FLAGS, rollout_7b): exit $probe_rc"
+  echo "probe (rollout_7b with XLA_FLAGS=$PROBE_FLAGS; rollout_7b_unrolled): exit $probe_rc"
 } | tee "$OUT/summary.txt"
 for rc in "$tests_rc" "$bench_rc" "$probe_rc"; do
   [[ $rc == skipped || $rc == 0 ]] || exit 1

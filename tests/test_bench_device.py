@@ -54,12 +54,12 @@ def test_every_row_is_measured(smoke):
         assert v["mr1_tok_s"] > 0 and v["hf_tok_s"] > 0 and 0 < v["mfu"] < 1
     for rid in ("update_3b_mb1", "update_3b_mb2"):
         assert 0 < rows[rid]["values"]["mfu"] < 1 and rows[rid]["values"]["compile_s"] > 0
-    for rid in ("rollout_7b", "rollout_7b_pallas"):
+    for rid in ("rollout_7b", "rollout_7b_pallas", "rollout_7b_unrolled"):
         v = rows[rid]["values"]
         assert v["decode_step_ms"] > 0 and 0 < v["hbm_fraction"] < 1 and v["new_tok_s"] > 0
     assert set(rows["compile_times"]["values"]) == {
         "rollout_7b", "rollout_7b_pallas", "update_3b_mb1", "update_3b_mb2",
-        "rollout_3b_8x8", "rollout_3b_32x8"}
+        "rollout_3b_8x8", "rollout_3b_32x8", "rollout_7b_unrolled"}
 
 
 def test_markdown_has_every_row_beside_its_baseline(smoke):

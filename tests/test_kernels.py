@@ -1,7 +1,7 @@
 """The Pallas decode-attention kernel (Pallas interpret mode on CPU) against the XLA path: the
 segment outputs and log-sum-exps for GQA groups, ragged and empty rows, bfloat16; the merged
-softmax of several segments against one softmax over their union; and the sampler with
-``attention_impl="pallas"`` against ``"xla"``."""
+softmax of several segments against one softmax over their union; the sampler with
+``attention_impl="pallas"`` against ``"xla"``; and ``decode_unroll``."""
 
 from __future__ import annotations
 
@@ -135,3 +135,17 @@ def test_pallas_on_this_backend_matches_xla(dtype):
     atol = 2e-6 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), atol=atol, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(got_lse), np.asarray(want_lse), atol=atol, rtol=1e-5)
+
+
+def test_decode_unroll_changes_nothing_but_the_program(tiny_pair):
+    """``decode_unroll=2`` (both layers of the tiny model in one loop iteration)."""
+    xla, _ = tiny_pair
+    unrolled = dataclasses.replace(xla, config=xla.config.replace(decode_unroll=2))
+    kw = dict(max_new_tokens=5, temperature=1.0, seed=2, chat=False, ignore_eos=True,
+              num_samples=2)
+    prompts = _prompts(2, seed=9)
+    a, b = generate(xla, prompts, **kw), generate(unrolled, prompts, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+    with pytest.raises(ValueError, match="decode_unroll"):
+        xla.config.replace(decode_unroll=3)

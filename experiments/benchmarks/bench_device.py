@@ -327,10 +327,16 @@ def _decode_bytes(policy, p, g, t_p, new) -> float:
     return weights + per_key * (p * t_p + p * g * new / 2)
 
 
-def _rollout_row(name_of, shape_of, attention_impl: str = "xla", decode_step: bool = False):
+def _rollout_row(name_of, shape_of, decode_step: bool = False, **changes):
+    """A rollout row; ``changes``: ModelConfig fields (``attention_impl``, ``decode_unroll``:
+    a number, or ``"all"`` for every layer)."""
+
     def row(run: Run) -> dict:
         p, g, t_p, new = shape_of(run.shapes)
-        cfg = model_config(name_of(run.shapes)).replace(attention_impl=attention_impl)
+        cfg = model_config(name_of(run.shapes))
+        if changes.get("decode_unroll") == "all":
+            cfg = cfg.replace(decode_unroll=cfg.num_layers)
+        cfg = cfg.replace(**{k: v for k, v in changes.items() if v != "all"})
         policy = random_policy(cfg, jnp.bfloat16)
         lengths = np.full(p, t_p)
         arrays = synthetic_arrays(lengths, t_p, g, new, cfg.vocab_size, cfg.pad_token_id, 0)
@@ -369,10 +375,10 @@ ROWS = [
     ("rollout_7b", "Qwen2.5-7B rollout 8 x 8, 512 -> 256 tok, bf16, attention_impl=xla",
      "3.81 s, 4,305 new tok/s: ≈ 14 ms a decode step, 3.2 ms of weight reads at 4.8 TB/s "
      "(≈ 23% of the HBM roofline)",
-     _rollout_row(lambda s: s.huge, lambda s: s.rollout_huge, "xla", decode_step=True)),
+     _rollout_row(lambda s: s.huge, lambda s: s.rollout_huge, decode_step=True)),
     ("rollout_7b_pallas", "same, attention_impl=pallas (the fused decode-attention kernel)",
-     "(new)", _rollout_row(lambda s: s.huge, lambda s: s.rollout_huge, "pallas",
-                           decode_step=True)),
+     "(new)", _rollout_row(lambda s: s.huge, lambda s: s.rollout_huge, decode_step=True,
+                           attention_impl="pallas")),
     ("logits_vs_hf", "logits, mr1 f32 vs HF torch f32, same weights (SmolLM2-135M shape, "
      "4 rows ≤ 300 tokens, left-padded)", "max abs diff 3.7e-3 (XLA's default f32 matmul "
      "on GPU is TF32)", row_logits_vs_hf),
@@ -391,6 +397,10 @@ ROWS = [
     ("rollout_3b_32x8", "Qwen2.5-3B rollout 32 x 8, 512 -> 256 tok, bf16",
      "3.96 s, 16,564 new tok/s",
      _rollout_row(lambda s: s.big, lambda s: s.rollouts_big[1])),
+    ("rollout_7b_unrolled", "same as rollout_7b, decode_unroll=num_layers (static weight "
+     "slices in the decode step; last, so the time budget may skip it: STAGES=probe runs it)",
+     "(new)", _rollout_row(lambda s: s.huge, lambda s: s.rollout_huge, decode_step=True,
+                           decode_unroll="all")),
     ("compile_times", "compile (first call) of the rows above",
      "3B update 25–27 s, 3B rollout 10–11 s, 7B rollout 12 s", row_compile_times),
 ]

@@ -63,6 +63,10 @@ class ModelConfig:
         einsum path, the default) or ``"pallas"`` (a fused Pallas decode-attention kernel;
         compiled for GPUs, run in Pallas interpret mode elsewhere). Prefill and training
         always use the XLA path.
+      decode_unroll: layers unrolled per iteration of the layer loop in decode steps (one new
+        position): ``num_layers`` makes the step a straight-line program whose weight slices
+        are static instead of dynamic slices of the stacked ``[L, ...]`` arrays (a candidate
+        against per-step weight copies on GPUs; longer compiles). Prefill and training keep 1.
     """
 
     name: str
@@ -87,6 +91,7 @@ class ModelConfig:
     attention_chunk: int = 0
     matmul_precision: str | None = None
     attention_impl: str = "xla"
+    decode_unroll: int = 1
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -97,6 +102,8 @@ class ModelConfig:
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision={self.matmul_precision!r}; one of "
                              f"{MATMUL_PRECISIONS}")
+        if not 1 <= self.decode_unroll <= max(1, self.num_layers):
+            raise ValueError(f"decode_unroll={self.decode_unroll}: 1..num_layers")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; one of {ATTENTION_IMPLS}")
 
@@ -126,10 +133,10 @@ class ModelConfig:
 
 def execution_overrides(run_config) -> dict[str, Any]:
     """The :class:`ModelConfig` fields an experiment config sets on top of the weights' own:
-    ``compute_dtype``, ``matmul_precision``, ``attention_impl`` and
+    ``compute_dtype``, ``matmul_precision``, ``attention_impl``, ``decode_unroll`` and
     ``parallel.attention_chunk`` (same weights, another execution)."""
     changes: dict[str, Any] = {}
-    for name in ("compute_dtype", "matmul_precision", "attention_impl"):
+    for name in ("compute_dtype", "matmul_precision", "attention_impl", "decode_unroll"):
         if run_config.get(name, ""):
             changes[name] = run_config[name]
     chunk = int((run_config.get("parallel") or {}).get("attention_chunk", 0) or 0)

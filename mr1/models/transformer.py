@@ -286,6 +286,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
+            unroll=cfg.decode_unroll if tokens.shape[1] == 1 else 1,
         )(cfg, name="layers")
         layer_kv = (None if prefix is None else (prefix.k, prefix.v),
                     None if cache is None else (cache.k, cache.v))
