@@ -56,7 +56,10 @@ def test_every_row_is_measured(smoke):
         assert 0 < rows[rid]["values"]["mfu"] < 1 and rows[rid]["values"]["compile_s"] > 0
     for rid in ("rollout_7b", "rollout_7b_pallas", "rollout_7b_unrolled"):
         v = rows[rid]["values"]
-        assert v["decode_step_ms"] > 0 and 0 < v["hbm_fraction"] < 1 and v["new_tok_s"] > 0
+        assert v["new_tok_s"] > 0 and v["roofline_step_ms"] > 0, v
+        # tiny shapes: the step is (t_8 - t_1) / 7, within timer noise, so its sign is not
+        # asserted; when positive it is slower than the roofline
+        assert v["hbm_fraction"] is None or 0 < v["hbm_fraction"] < 1, v
     assert set(rows["compile_times"]["values"]) == {
         "rollout_7b", "rollout_7b_pallas", "update_3b_mb1", "update_3b_mb2",
         "rollout_3b_8x8", "rollout_3b_32x8", "rollout_7b_unrolled"}

@@ -16,8 +16,8 @@ Two implementations, chosen by ``ModelConfig.attention_impl`` through :data:`DEC
   ``block_k`` keys with an online softmax (flash-decoding without the split over keys), reads
   only the blocks between the row's first and last valid key, and never writes the
   ``[B, K, Q, S]`` scores to memory. It is written for the Triton (GPU) lowering of Pallas:
-  ``Q`` is padded to a power of two of at least 16 and ``S`` to a multiple of ``block_k`` (both
-  masked). On other backends it runs in Pallas interpret mode (the tests' reference check on
+  ``Q`` is padded to a power of two of at least 16, and ``S`` to a multiple of ``block_k`` only
+  when no power-of-two block of 16 or more divides it (both masked). On other backends it runs in Pallas interpret mode (the tests' reference check on
   CPU; slow, not for production).
 """
 
@@ -72,6 +72,18 @@ def _pow2_at_least(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def _key_block(s: int, largest: int) -> int:
+    """The largest power-of-two key block in ``[16, largest]`` that divides ``s`` (so the
+    cache is read in place), else ``min(largest, pow2 >= s)`` (and the keys are padded: a copy
+    of the segment each call; prompt buckets and usual ``max_new_tokens`` avoid it)."""
+    b = largest
+    while b >= 16:
+        if s % b == 0:
+            return b
+        b //= 2
+    return min(largest, _pow2_at_least(s, 16))
+
+
 def _kernel(q_ref, k_ref, v_ref, valid_ref, bounds_ref, o_ref, m_ref, l_ref, *, block_k: int):
     """One (row, kv head): online softmax over the key blocks that hold valid keys."""
     from jax.experimental.pallas import triton as plgpu
@@ -113,8 +125,8 @@ def decode_attention_pallas(q: Array, k: Array, v: Array, valid: Array, *, block
     s = k.shape[2]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    block_k = min(block_k, _pow2_at_least(s, 16))
-    sp = -(-s // block_k) * block_k
+    block_k = _key_block(s, block_k)
+    sp = -(-s // block_k) * block_k  # == s unless no power-of-two block >= 16 divides s
     qp = _pow2_at_least(nq, 16)
     valid = valid.astype(bool)
     if sp != s:
