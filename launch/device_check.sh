@@ -21,6 +21,10 @@
 # BENCH_ARGS adds arguments to bench_device.py (--smoke: the CPU shapes; --rows=...).
 # Exits non-zero if a step failed.
 set -uo pipefail
+if [[ ${1-} == -h || ${1-} == --help ]]; then
+  sed -n '2,22p' "$0"
+  exit 0
+fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
@@ -33,11 +37,6 @@ PROBE_LIMIT=${PROBE_LIMIT:-150}
 PROBE_FLAGS=${PROBE_FLAGS:---xla_gpu_enable_dynamic_slice_fusion=true}
 SITE=${MR1_SITE:-/tmp/mr1_site}
 mkdir -p "$OUT"
-
-if [[ ${1-} == -h || ${1-} == --help ]]; then
-  sed -n '2,24p' "$0"
-  exit 0
-fi
 
 export PYTHONPATH="$REPO"
 if compgen -G ".whl/*.whl" >/dev/null; then
