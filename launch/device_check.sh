@@ -70,8 +70,8 @@ probe_rc=skipped
 if [[ ,$STAGES, == *,tests,* ]]; then
   mapfile -t files < <(grep -l "mark.device" tests/test_*.py)
   echo "+ pytest -m device ${files[*]} (limit ${TEST_LIMIT} s)"
-  timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest -q -m device -p no:cacheprovider \
-    --durations=20 -o console_output_style=classic "${files[@]}" 2>&1 \
+  timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest -v -m device -p no:cacheprovider \
+    --durations=20 "${files[@]}" 2>&1 \
     | tee "$OUT/pytest_device.txt"
   tests_rc=${PIPESTATUS[0]}
 fi
