@@ -57,9 +57,9 @@ def test_every_row_is_measured(smoke):
     for rid in ("rollout_7b", "rollout_7b_pallas", "rollout_7b_unrolled"):
         v = rows[rid]["values"]
         assert v["new_tok_s"] > 0 and v["roofline_step_ms"] > 0, v
-        # tiny shapes: the step is (t_8 - t_1) / 7, within timer noise, so its sign is not
-        # asserted; when positive it is slower than the roofline
-        assert v["hbm_fraction"] is None or 0 < v["hbm_fraction"] < 1, v
+        # tiny shapes: the step is (t_8 - t_1) / 7 and the bandwidth probe 8 MiB, both within
+        # timer noise, so neither the step's sign nor its share of the roofline is bounded
+        assert v["hbm_fraction"] is None or v["hbm_fraction"] > 0, v
     assert set(rows["compile_times"]["values"]) == {
         "rollout_7b", "rollout_7b_pallas", "update_3b_mb1", "update_3b_mb2",
         "rollout_3b_8x8", "rollout_3b_32x8", "rollout_7b_unrolled"}
