@@ -284,8 +284,8 @@ def _sampler_row(index: int):
         ours, theirs = b * new / tn, b * new / hn
         flops = generation_flops(cfg, b, t_p, new) - (b - p) * generation_flops(cfg, 1, t_p, 1)
         mfu = flops / tn / (run.bf16_peak() * 1e12)
-        return {"mr1": f"{ours:,.0f} new tok/s ({tn:.2f} s)",
-                "hf": f"{theirs:,.0f} new tok/s ({hn:.2f} s); mr1 {ours / theirs:.1f}x",
+        return {"mr1": f"{ours:,.0f} new tok/s ({tn:.3g} s)",
+                "hf": f"{theirs:,.0f} new tok/s ({hn:.3g} s); mr1 {ours / theirs:.1f}x",
                 "roofline": f"{100 * mfu:.2g}% of the bf16 peak",
                 "values": {"mr1_tok_s": ours, "hf_tok_s": theirs, "mr1_s": tn, "hf_s": hn,
                            "mr1_prefill_s": t1, "hf_prefill_s": h1, "mfu": mfu}}
@@ -307,7 +307,7 @@ def _update_row(microbatch: int):
         mfu = update_flops(cfg, lengths, g, t_c) / sec / (run.bf16_peak() * 1e12)
         mem = _peak_memory_gib(run.device)
         mem_txt = "" if mem is None else f"; peak memory so far {mem:.1f} GiB"
-        return {"mr1": f"{sec:.2f} s/update, loss {float(m['loss']):.3g}{mem_txt}", "hf": "-",
+        return {"mr1": f"{sec:.3g} s/update, loss {float(m['loss']):.3g}{mem_txt}", "hf": "-",
                 "roofline": f"{100 * mfu:.3g}% of the bf16 peak",
                 "values": {"s": sec, "mfu": mfu, "compile_s": compile_s, "peak_gib": mem}}
 
@@ -343,7 +343,7 @@ def _rollout_row(name_of, shape_of, decode_step: bool = False, **changes):
         compile_s, sec = bench_rollout(policy, arrays, g, new, 0, run.shapes.repeats)
         values = {"s": sec, "new_tok_s": p * g * new / sec, "compile_s": compile_s,
                   "mfu": rollout_flops(cfg, lengths, g, new) / sec / (run.bf16_peak() * 1e12)}
-        text = f"{sec:.2f} s, {values['new_tok_s']:,.0f} new tok/s"
+        text = f"{sec:.3g} s, {values['new_tok_s']:,.0f} new tok/s"
         roof = f"{100 * values['mfu']:.2g}% of the bf16 peak"
         if decode_step:  # per-step time from a 1-token call: (t_new - t_1) / (new - 1)
             _, sec1 = bench_rollout(policy, arrays, g, 1, 0, run.shapes.repeats)

@@ -109,6 +109,10 @@ def _common(c, backbone: str, spec: str):
     big = backbone != "smollm2-135m"
     c.param_dtype = "float32"           # master weights (Adam updates them)
     c.compute_dtype = "bfloat16" if big else ""  # activations and matmuls ("" = the params')
+    c.matmul_precision = ""             # float32 matmuls: "" = the backend's (TF32 on GPUs),
+                                        # "highest" = true float32 (ModelConfig.matmul_precision)
+    c.attention_impl = "xla"            # decode-step attention: "xla" | "pallas" (GPU kernel)
+    c.decode_unroll = 1                 # layers per decode-step loop iteration (num_layers: none)
     c.plan = ml_collections.ConfigDict()
     c.plan.num_devices = devices        # the paper's: 4 x H100 (8 for 14B)
     c.plan.accelerator = accel          # plan.py: does it fit this device's memory?
