@@ -20,6 +20,7 @@ SQLite transaction (WAL, ``synchronous=FULL``: a commit is fsynced).
 from __future__ import annotations
 
 import argparse
+import collections
 import shutil
 import statistics
 import tempfile
@@ -44,13 +45,17 @@ def median_ms(times) -> str:
     return f"{1000 * statistics.median(times):.1f} ms"
 
 
-def time_adds(m: Memory, n: int, rng, user: str = "u") -> list[float]:
+def time_adds(m: Memory, n: int, rng, user: str = "u", events=None) -> list[float]:
+    """Seconds of ``n`` single-message adds; their events are counted into ``events``."""
     out = []
     for _ in range(n):
         text = sentence(rng)
         t = time.perf_counter()
-        m.add(text, user_id=user)
+        got = m.add(text, user_id=user)
         out.append(time.perf_counter() - t)
+        if events is not None:
+            events.update(e["event"] + (f"({e['refused']})" if "refused" in e else "")
+                          for e in got)
     return out
 
 
@@ -76,13 +81,17 @@ def main() -> None:
           f"message over {len(t)}")
 
     # -- add, embedded LLM manager
-    if args.llm_adds:
+    if args.llm_adds > 0:
         llm = Memory.open(f"{root}/prompted", manager="prompted", embedder=emb)
         time_adds(llm, 1, rng)   # compiles
-        t = time_adds(llm, args.llm_adds, rng)
+        events = collections.Counter()
+        t = time_adds(llm, args.llm_adds, rng, events=events)
         print(f"add (prompted SmolLM2-135M manager, json_op): median {median_ms(t)} per "
-              f"message over {len(t)} ({len(llm.get_all('u'))} memories kept)")
+              f"message over {len(t)}; events {dict(events)}, "
+              f"{len(llm.get_all('u'))} memories kept")
 
+    if args.memories <= 0:
+        return
     # -- search at N memories of one user
     capacity = 1 << int(np.ceil(np.log2(max(args.memories + args.adds + args.warmup, 2))))
     big = Memory.open(f"{root}/search", capacity=capacity, embedder=emb)

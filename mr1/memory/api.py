@@ -19,15 +19,16 @@ extracts them (the pipeline's :data:`~mr1.agents.prompts.FACT_EXTRACTION` prompt
 :func:`~mr1.agents.pipeline.parse_facts`). Every fact gets exactly one op: ``add_all`` ADDs it;
 an LLM manager sees the fact with the ``retrieve_k`` most similar memories of the user's bank
 at the start of the add (as a pipeline session does) and its reply (in ``manager_format``) is
-parsed; the first op of a reply is the fact's op. Ops are applied in fact order by
-:func:`mr1.agents.pipeline.apply_ops`, i.e. the bank's jitted ``apply_action`` that training
-and evaluation use. The result has one entry per fact, ``event`` ADD / UPDATE / DELETE / NOOP;
+parsed; the first op of a reply is the fact's op. Ops are applied in fact order by the bank's
+own :func:`~mr1.memory.bank.apply_actions` (a scan of the ``apply_action`` that training and
+evaluation use), one jitted call per add. The result has one entry per fact, ``event`` ADD / UPDATE / DELETE / NOOP;
 a NOOP carries ``"reason"`` when the reply was unusable (a :class:`~mr1.memory.ops.Reason`)
 or ``"refused"`` when the bank refused the op (a :class:`~mr1.memory.bank.Refusal` name, e.g.
 ``bank_full`` under ``full_policy="refuse"``); an ADD into a full ``evict_lru`` bank is
 preceded by a ``DELETE`` entry with ``"reason": "evicted"`` for the memory it replaced.
 
-**Transactions.** Facts and their embeddings are computed first; then one ``BEGIN IMMEDIATE``
+**Transactions.** One ``Memory`` may be shared by threads (its calls take turns on its one
+connection); processes open their own. Facts and their embeddings are computed first; then one ``BEGIN IMMEDIATE``
 transaction reads the user's bank, decides and applies the ops, writes rows and history and
 commits. A process killed before the commit leaves the store as it was before the add; a
 second process's add waits for the lock (``busy_timeout_s``) and then sees the first one's
@@ -48,7 +49,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
-import pathlib
+import threading
 import uuid
 from typing import Any, Callable, Sequence
 
@@ -57,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mr1.agents import prompts as P
-from mr1.agents.pipeline import BuildStats, SpeakerMemory, apply_ops, make_tokenize, parse_facts
+from mr1.agents.pipeline import SpeakerMemory, make_tokenize, parse_facts
 from mr1.memory import bank as B
 from mr1.memory.ops import ParsedOp, ops_to_actions, op_choice_tokens, parse_op_choice, parse_ops
 from mr1.memory.store import MemoryNotFoundError, Row, Store
@@ -72,6 +73,7 @@ MANAGERS = ("add_all", "prompted")  # or a checkpoint directory
 ANSWERS = (None, "base")            # or a checkpoint directory
 
 _retrieve = jax.jit(B.retrieve_many, static_argnums=2)
+_apply_many = jax.jit(B.apply_actions, donate_argnums=0)
 
 
 @dataclasses.dataclass
@@ -209,6 +211,7 @@ class Memory:
         self.tokenize = make_tokenize(token_source)
         self.pad_id = int(getattr(token_source, "pad_token_id", 0)) if token_source else 0
         self._views: dict[str, _View] = {}
+        self._lock = threading.RLock()   # one connection: one transaction at a time
 
     # ------------------------------------------------------------------------- opening
     @classmethod
@@ -325,7 +328,7 @@ class Memory:
         """One write transaction on ``user_id``'s bank: yields the fresh view; on commit the
         user's step and version are stored, on any error the cached view is dropped."""
         try:
-            with self.store.write():
+            with self._lock, self.store.write():
                 state = self.store.user_state(user_id) or (0, 0)
                 view = self._view(user_id, state)
                 yield view
@@ -337,7 +340,7 @@ class Memory:
             raise
 
     def _reading(self, user_id: str) -> _View | None:
-        with self.store.read():
+        with self._lock, self.store.read():
             state = self.store.user_state(user_id)
             return None if state is None else self._view(user_id, state)
 
@@ -415,53 +418,79 @@ class Memory:
                 known.update(zip(missing, np.asarray(self.embedder.encode(missing), np.float32)))
             return np.stack([known[t] for t in texts])
 
-        events, stats = [], BuildStats()
-        for fact, op, slots in zip(facts, ops, shown):
-            action = ops_to_actions([op], self.tokenize, max_len=s.max_len, dim=s.embedding_dim,
-                                    embed=embed, pad_id=self.pad_id,
-                                    id_to_slot=dict(enumerate(slots)))
-            res = apply_ops(view.mem, action, [op.text], ts, stats)[0]
+        actions = [ops_to_actions([op], self.tokenize, max_len=s.max_len, dim=s.embedding_dim,
+                                  embed=embed, pad_id=self.pad_id,
+                                  id_to_slot=dict(enumerate(slots)))
+                   for op, slots in zip(ops, shown)]
+        results = self._apply_actions(view, actions)
+        events = []
+        for fact, op, action, res in zip(facts, ops, actions, results):
             events += self._record(view, user_id, fact, op, int(action.target[0]), res, ts,
                                    metadata)
         return events
 
+    def _apply_actions(self, view: _View, actions: list[B.MemoryAction]) -> list[dict]:
+        """Applies one-op ``actions`` in order with the bank's :func:`~mr1.memory.bank.apply_actions`
+        (one jitted scan, the bank buffers donated: no copy of a large bank per op); returns
+        per op ``{"applied", "refused", "reason", "slot", "evicted"}`` plus the written slot's
+        ``embedding`` / ``created`` / ``updated`` as the bank holds them after the add.
+
+        The scan length is padded to a power of two with NOOPs (few compiled shapes); the
+        bank's step counter is then set back so that it counts the real ops only.
+        """
+        s, n = self.settings, len(actions)
+        size = 1 << max(n - 1, 0).bit_length()
+        pad = ops_to_actions([], self.tokenize, max_len=s.max_len, dim=s.embedding_dim,
+                             num_ops=size - n, pad_id=self.pad_id)
+        stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *actions, *([pad] if size > n
+                                                                          else []))
+        bank, res = _apply_many(view.mem.bank, stacked)
+        view.mem.bank = bank = bank.replace(step=bank.step - (size - n))
+        res = jax.device_get(res)
+        slots = np.maximum(res.slot[:n], 0)
+        emb, created, updated = jax.device_get((bank.embeddings[slots], bank.created[slots],
+                                                bank.updated[slots]))
+        return [{"applied": bool(res.applied[i]), "refused": bool(res.refused[i]),
+                 "reason": int(res.reason[i]), "slot": int(res.slot[i]),
+                 "evicted": int(res.evicted[i]), "embedding": emb[i],
+                 "created": int(created[i]), "updated": int(updated[i])} for i in range(n)]
+
     def _record(self, view: _View, user_id: str, fact: str, op: ParsedOp, target: int,
-                res: B.OpResult, ts: str, metadata: dict) -> list[dict[str, Any]]:
-        """Writes what one applied op did to the store; returns its event entries."""
-        if bool(res.refused):
+                res: dict, ts: str, metadata: dict) -> list[dict[str, Any]]:
+        """Writes what one applied op did to the store and the view's texts; returns its
+        event entries."""
+        if res["refused"]:
             old = view.rows[target] if 0 <= target < len(view.rows) else None
             return [{"id": old.id if old else None, "memory": op.text or fact, "event": "NOOP",
-                     "refused": B.Refusal(int(res.reason)).name.lower(), "op": op.op.name}]
-        if not bool(res.applied):
+                     "refused": B.Refusal(res["reason"]).name.lower(), "op": op.op.name}]
+        if not res["applied"]:
             entry = {"id": None, "memory": fact, "event": "NOOP"}
             return [entry | ({"reason": op.reason.value} if not op.valid else {})]
-        bank, slot, out = view.mem.bank, int(res.slot), []
+        slot, out = res["slot"], []
         old = view.rows[slot]
         if op.op == B.OpCode.DELETE:
             self.store.remove(old.id)
             self.store.log(old.id, user_id, "DELETE", old.text, None, ts)
-            view.rows[slot] = None
+            view.rows[slot], view.mem.texts[slot], view.mem.timestamps[slot] = None, None, ""
             return [{"id": old.id, "memory": old.text, "event": "DELETE"}]
-        emb = np.asarray(bank.embeddings[slot], np.float32)
-        created, updated = int(bank.created[slot]), int(bank.updated[slot])
         if op.op == B.OpCode.ADD:
-            if int(res.evicted) >= 0:
+            if res["evicted"] >= 0:
                 self.store.remove(old.id)
                 self.store.log(old.id, user_id, "DELETE", old.text, None, ts, "evicted")
                 out.append({"id": old.id, "memory": old.text, "event": "DELETE",
                             "reason": "evicted"})
-            row = Row(uuid.uuid4().hex, user_id, slot, op.text, emb, dict(metadata), ts, ts,
-                      created, updated)
+            row = Row(uuid.uuid4().hex, user_id, slot, op.text, res["embedding"],
+                      dict(metadata), ts, ts, res["created"], res["updated"])
             self.store.log(row.id, user_id, "ADD", None, op.text, ts)
             out.append({"id": row.id, "memory": op.text, "event": "ADD"})
         else:  # UPDATE
-            row = dataclasses.replace(old, text=op.text, embedding=emb, updated_at=ts,
-                                      updated_step=updated)
+            row = dataclasses.replace(old, text=op.text, embedding=res["embedding"],
+                                      updated_at=ts, updated_step=res["updated"])
             self.store.log(row.id, user_id, "UPDATE", old.text, op.text, ts)
             out.append({"id": row.id, "memory": op.text, "event": "UPDATE",
                         "previous_memory": old.text})
         self.store.put(row)
-        view.rows[slot] = row
+        view.rows[slot], view.mem.texts[slot], view.mem.timestamps[slot] = row, op.text, ts
         return out
 
     # ------------------------------------------------------------------------- reads
@@ -482,16 +511,19 @@ class Memory:
 
     def get(self, memory_id: str) -> dict[str, Any]:
         """One memory by id (:class:`MemoryNotFoundError` if there is none)."""
-        return self.store.row(memory_id).public()
+        with self._lock:
+            return self.store.row(memory_id).public()
 
     def get_all(self, user_id: str) -> list[dict[str, Any]]:
         """Every memory of ``user_id``, oldest first (``[]`` for an unknown user)."""
-        return [r.public() for r in self.store.rows(_user(user_id), order="created_step")]
+        with self._lock:
+            return [r.public() for r in self.store.rows(_user(user_id), order="created_step")]
 
     def history(self, memory_id: str) -> list[dict[str, Any]]:
         """The ops that touched ``memory_id``, oldest first: ``[{"event", "old_memory",
         "new_memory", "at", "reason", ...}]`` (also after the memory was deleted)."""
-        return self.store.history(memory_id)
+        with self._lock:
+            return self.store.history(memory_id)
 
     # ------------------------------------------------------------------------- deletes
     def delete(self, memory_id: str) -> dict[str, Any]:
@@ -504,16 +536,18 @@ class Memory:
         s = self.settings
         with self._writing(user_id) as view:
             row = self.store.row(memory_id)   # again, inside the transaction
-            action = B.stack_actions([B.make_action(B.OpCode.DELETE, row.slot, max_len=s.max_len,
-                                                    dim=s.embedding_dim, pad_id=self.pad_id)])
+            action = ops_to_actions([ParsedOp(B.OpCode.DELETE, id=row.slot, event="DELETE")],
+                                    self.tokenize, max_len=s.max_len, dim=s.embedding_dim,
+                                    pad_id=self.pad_id)
             ts = timestamp_of()
-            res = apply_ops(view.mem, action, [""], ts, BuildStats())[0]
-            if not bool(res.applied):  # the rows and the bank disagree: never commit that
+            [res] = self._apply_actions(view, [action])
+            if not res["applied"]:  # the rows and the bank disagree: never commit that
                 raise RuntimeError(f"the bank refused to delete {memory_id} "
-                                   f"({B.Refusal(int(res.reason)).name})")
+                                   f"({B.Refusal(res['reason']).name})")
             self.store.remove(row.id)
             self.store.log(row.id, user_id, "DELETE", row.text, None, ts, "deleted")
-            view.rows[row.slot] = None
+            view.rows[row.slot], view.mem.texts[row.slot] = None, None
+            view.mem.timestamps[row.slot] = ""
         return {"id": row.id, "memory": row.text, "event": "DELETE"}
 
     def reset(self, user_id: str | None = None) -> dict[str, int]:
@@ -521,7 +555,7 @@ class Memory:
         returns ``{"deleted": number of memories}``."""
         user_id = None if user_id is None else _user(user_id)
         try:
-            with self.store.write():
+            with self._lock, self.store.write():
                 n = self.store.reset(user_id)
         finally:
             if user_id is None:
