@@ -1,7 +1,8 @@
 """Command line of :class:`mr1.Memory`; every command prints one JSON document on stdout.
 
   python -m mr1.memory add      --store DIR --user ana --text "I moved to Lisbon."
-  python -m mr1.memory add      --store DIR --user ana --messages '[{"role": "user", "content": "..."}]'
+  python -m mr1.memory add      --store DIR --user ana \
+      --messages '[{"role": "user", "content": "..."}]'
   python -m mr1.memory search   --store DIR --user ana --query "where does Ana live?" [--limit 5]
   python -m mr1.memory get      --store DIR --id ID
   python -m mr1.memory get-all  --store DIR --user ana

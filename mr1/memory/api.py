@@ -14,25 +14,26 @@ slot-tensor :class:`~mr1.memory.bank.MemoryBank` of ``capacity`` slots, rebuilt 
 when another process changed them (``users.version``) and cached otherwise.
 
 **add.** ``messages`` is a string or a list of ``{"role", "content"}`` messages. Facts: with
-``manager="add_all"`` each message is one fact; with an LLM manager the manager's model
-extracts them (the pipeline's :data:`~mr1.agents.prompts.FACT_EXTRACTION` prompt and
+``manager="add_all"`` each message is one fact; with an LLM manager the manager's model extracts
+them (the pipeline's :data:`~mr1.agents.prompts.FACT_EXTRACTION` prompt and
 :func:`~mr1.agents.pipeline.parse_facts`). Every fact gets exactly one op: ``add_all`` ADDs it;
-an LLM manager sees the fact with the ``retrieve_k`` most similar memories of the user's bank
-at the start of the add (as a pipeline session does) and its reply (in ``manager_format``) is
+an LLM manager sees the fact with the ``retrieve_k`` most similar memories of the user's bank at
+the start of the add (as a pipeline session does) and its reply (in ``manager_format``) is
 parsed; the first op of a reply is the fact's op. Ops are applied in fact order by the bank's
 own :func:`~mr1.memory.bank.apply_actions` (a scan of the ``apply_action`` that training and
-evaluation use), one jitted call per add. The result has one entry per fact, ``event`` ADD / UPDATE / DELETE / NOOP;
-a NOOP carries ``"reason"`` when the reply was unusable (a :class:`~mr1.memory.ops.Reason`)
-or ``"refused"`` when the bank refused the op (a :class:`~mr1.memory.bank.Refusal` name, e.g.
-``bank_full`` under ``full_policy="refuse"``); an ADD into a full ``evict_lru`` bank is
-preceded by a ``DELETE`` entry with ``"reason": "evicted"`` for the memory it replaced.
+evaluation use), one jitted call per add. The result has one entry per fact, ``event`` ADD /
+UPDATE / DELETE / NOOP; a NOOP carries ``"reason"`` when the reply was unusable (a
+:class:`~mr1.memory.ops.Reason`) or ``"refused"`` when the bank refused the op (a
+:class:`~mr1.memory.bank.Refusal` name, e.g. ``bank_full`` under ``full_policy="refuse"``); an
+ADD into a full ``evict_lru`` bank is preceded by a ``DELETE`` entry with ``"reason":
+"evicted"`` for the memory it replaced.
 
 **Transactions.** One ``Memory`` may be shared by threads (its calls take turns on its one
-connection); processes open their own. Facts and their embeddings are computed first; then one ``BEGIN IMMEDIATE``
-transaction reads the user's bank, decides and applies the ops, writes rows and history and
-commits. A process killed before the commit leaves the store as it was before the add; a
-second process's add waits for the lock (``busy_timeout_s``) and then sees the first one's
-memories.
+connection); processes open their own. Facts and their embeddings are computed first; then one
+``BEGIN IMMEDIATE`` transaction reads the user's bank, decides and applies the ops, writes rows
+and history and commits. A process killed before the commit leaves the store as it was before
+the add; a second process's add waits for the lock (``busy_timeout_s``) and then sees the first
+one's memories.
 
 **Input rules** (errors are ``ValueError`` / ``TypeError`` with the reason):
 ``user_id`` a non-empty string; a message longer than ``max_chars`` characters (default
@@ -393,7 +394,8 @@ class Memory:
             shown = [[int(s) for s, ok in zip(r.indices[i], r.mask[i]) if ok]
                      for i in range(len(facts))]
         shown_texts = [[view.rows[s].text for s in slots] for slots in shown]
-        prompts = [P.memory_manager_prompt(user_id, f, list(enumerate(t)), form=self.manager_format)
+        prompts = [P.memory_manager_prompt(user_id, f, list(enumerate(t)),
+                                           form=self.manager_format)
                    for f, t in zip(facts, shown_texts)]
         kw = {"allowed_tokens": op_choice_tokens(self.tokenize)} if self.form.choice else {}
         if self.form.reply_prefix:
@@ -430,10 +432,11 @@ class Memory:
         return events
 
     def _apply_actions(self, view: _View, actions: list[B.MemoryAction]) -> list[dict]:
-        """Applies one-op ``actions`` in order with the bank's :func:`~mr1.memory.bank.apply_actions`
-        (one jitted scan, the bank buffers donated: no copy of a large bank per op); returns
-        per op ``{"applied", "refused", "reason", "slot", "evicted"}`` plus the written slot's
-        ``embedding`` / ``created`` / ``updated`` as the bank holds them after the add.
+        """Applies one-op ``actions`` in order with the bank's
+        :func:`~mr1.memory.bank.apply_actions` (one jitted scan, the bank's buffers donated: no
+        copy of a large bank per op); returns per op ``{"applied", "refused", "reason",
+        "slot", "evicted"}`` plus the written slot's ``embedding`` / ``created`` / ``updated``
+        as the bank holds them after the add.
 
         The scan length is padded to a power of two with NOOPs (few compiled shapes); the
         bank's step counter is then set back so that it counts the real ops only.
@@ -502,12 +505,13 @@ class Memory:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
         q = np.asarray(self.embedder.encode([query]), np.float32)
-        view = self._reading(user_id)
-        if view is None or not any(r is not None for r in view.rows):
-            return []
-        r = jax.device_get(_retrieve(view.mem.bank, jnp.asarray(q), limit))
-        return [view.rows[int(i)].public() | {"score": float(sc)}
-                for i, sc, ok in zip(r.indices[0], r.scores[0], r.mask[0]) if ok]
+        with self._lock:   # a writing thread donates the bank's buffers
+            view = self._reading(user_id)
+            if view is None or not any(r is not None for r in view.rows):
+                return []
+            r = jax.device_get(_retrieve(view.mem.bank, jnp.asarray(q), limit))
+            return [view.rows[int(i)].public() | {"score": float(sc)}
+                    for i, sc, ok in zip(r.indices[0], r.scores[0], r.mask[0]) if ok]
 
     def get(self, memory_id: str) -> dict[str, Any]:
         """One memory by id (:class:`MemoryNotFoundError` if there is none)."""
