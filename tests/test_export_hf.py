@@ -234,3 +234,33 @@ def test_embedded_smollm2_after_grpo_exports_to_transformers(tmp_path, torch_mod
                                tol=2e-4)
     print(f"max |mr1 - transformers| float32 logits: {diff:.2e}")
     _check_roundtrip(trained, folder)
+
+
+def test_memory_runs_trained_checkpoints(runs, tmp_path):
+    """``Memory.open`` takes RL checkpoints as its Memory Manager and Answer Agent: the
+    policies it runs hold the trained (LoRA-merged) params, and add / answer go through them."""
+    from types import SimpleNamespace
+
+    from mr1 import Memory
+    from mr1.memory.embedder import load_embedder
+    from mr1.sampling import generate
+
+    used = []
+
+    def gen(policy, prompts, max_new_tokens, **kw):
+        if prompts[0].startswith("Extract the facts"):   # a random model writes no fact lines
+            return SimpleNamespace(texts=[p.split("\n\n")[1].split(": ", 1)[1] for p in prompts])
+        used.append(policy)
+        return generate(policy, prompts, min(max_new_tokens, 8), **kw)
+
+    m = Memory.open(tmp_path / "mem", manager=str(runs["full"] / "best"),
+                    answer=str(runs["lora"] / "best"), embedder=load_embedder(),
+                    generate_fn=gen)
+    manager, _ = load_trained_policy(runs["full"] / "best")
+    answer, _ = load_trained_policy(runs["lora"] / "best")
+    assert _leaves_equal(m.manager.params, manager.params)
+    assert _leaves_equal(m.answer_policy.params, answer.params)
+    [event] = m.add("Ana lives in Lisbon.", user_id="ana")
+    assert event["event"] in ("ADD", "UPDATE", "DELETE", "NOOP") and used == [m.manager]
+    out = m.answer("Where does Ana live?", user_id="ana")
+    assert used[-1] is m.answer_policy and isinstance(out["answer"], str)
