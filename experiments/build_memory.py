@@ -30,6 +30,7 @@ from mr1.agents.pipeline import (
     manager_identity,
     select_conversations,
 )
+from mr1.entry import run_main
 from mr1.memory.embedder import load_embedder
 from mr1.parallel import maybe_initialize_distributed, process_zero_first
 
@@ -70,4 +71,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run_main(main)  # user errors: one line, exit 2 (mr1.entry)
