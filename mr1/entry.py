@@ -87,8 +87,7 @@ def _fail(line: str) -> None:
 
 def _override_line(err: BaseException, argv: list[str]) -> str:
     """A config override that failed while the flags were parsed, as one line."""
-    name = (err.args[0] if err.args else "").strip("'\"") if isinstance(
-        err, (AttributeError, KeyError)) else ""
+    name = str(err).strip("'\" ") if isinstance(err, (AttributeError, KeyError)) else ""
     culprit = [a for a in argv if a.startswith("--") and "." in a.split("=")[0]
                and name and name in a.split("=")[0].lstrip("-").split(".")]
     if name and culprit:
