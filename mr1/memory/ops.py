@@ -45,7 +45,7 @@ from mr1.memory.bank import MemoryAction, OpCode
 
 MAX_JSON_CANDIDATES = 32  # '{' / '[' positions that failed to decode before giving up on JSON
 MAX_OPS_PER_REPLY = 64    # ops kept from one reply; the rest are dropped and counted
-MAX_REPLY_CHARS = 32768   # characters of a reply that are parsed
+MAX_REPLY_CHARS = 1 << 17  # characters of a reply parsed (a guard: the regexes are linear)
 MAX_ID_DIGITS = 18        # longer digit strings are not ids (int() of 4300+ digits raises)
 INT32_MAX = 2**31 - 1
 
