@@ -33,9 +33,10 @@ from typing import Any, Callable, Mapping
 from mr1.fileio import write_json_atomic, write_text_atomic
 
 __all__ = ["EXEMPT", "ALLOW_ENV", "IDENTITY_FILE", "RunIdentityError", "WorkdirError",
-           "CheckpointMismatchError", "identity_fields", "fingerprint", "config_fingerprint", "describe_diff",
+           "CheckpointMismatchError", "identity_fields", "fingerprint", "config_fingerprint",
+           "describe_diff",
            "stored_fields", "check_workdir", "prepare_workdir", "record", "checkpoint_metadata",
-           "restore_checkpoint", "change_allowed"]
+           "restore_checkpoint", "change_allowed", "set_aside_best"]
 
 # Fields that may change on resume (fnmatch patterns over dotted names). Everything else is
 # part of the identity: the model, data, seeds, rewards, losses, optimizer, LoRA, prompts...
@@ -252,11 +253,11 @@ def restore_checkpoint(ckpt, state):
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 -- orbax raises ValueError / KeyError / TypeError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160].rstrip(":. ")
         raise CheckpointMismatchError(
             f"{ckpt.directory} (step {ckpt.latest_step()}) does not fit the train state of this "
-            f"config (another model, lora.rank, algo or dtype?): {first}; use a new --workdir"
-        ) from e
+            f"config (another model, lora.rank, algo or dtype?; orbax: {first}); use a new "
+            "--workdir") from e
 
 
 def set_aside_best(workdir: str | os.PathLike, old: str) -> None:

@@ -165,7 +165,8 @@ def test_judge_key_in_base_url_query_is_redacted():
     secret = "sk-query-SECRET-123"
     url = f"http://user:pw-SECRET@127.0.0.1:9/v1?api-key={secret}&x=1"
     c = JudgeConfig(base_url=url, model="m", max_retries=0, timeout=0.5)
-    assert c.endpoint == f"http://user:pw-SECRET@127.0.0.1:9/v1/chat/completions?api-key={secret}&x=1"
+    assert c.endpoint == ("http://user:pw-SECRET@127.0.0.1:9/v1/chat/completions"
+                          f"?api-key={secret}&x=1")
     assert secret not in c.display_endpoint and "pw-SECRET" not in c.display_endpoint
     assert "api-key=***" in c.display_endpoint
     judge = LLMJudge(c, sleep=lambda s: None)

@@ -35,12 +35,12 @@ import numpy as np
 
 from mr1 import parallel
 from mr1 import run_identity as RI
+from mr1.fileio import write_json_atomic
 from mr1.models import transformer
 from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import advantages as A
 from mr1.rl import train_step as TS
 from mr1.rl.answer_task import ANSWER_PANELS
-from mr1.fileio import write_json_atomic
 from mr1.sampling import SamplingConfig
 
 __all__ = ["train", "batch_indices", "Trainer", "RLTask", "load_trained_params", "run_config",
@@ -382,9 +382,10 @@ def load_trained_params(checkpoint, base_params, *, step: int | None = None,
         raise
     except Exception as e:  # noqa: BLE001
         kind = f"LoRA rank {rank}" if rank > 0 else "full fine-tuning"
-        raise RI.CheckpointMismatchError(f"{checkpoint}: params do not match a {kind} {run.get('algo', 'grpo')} "
-                         "run; LoRA and PPO checkpoints are read with the run's config.json, "
-                         "expected in the directory above checkpoints/") from e
+        raise RI.CheckpointMismatchError(
+            f"{checkpoint}: params do not match a {kind} {run.get('algo', 'grpo')} run; LoRA "
+            "and PPO checkpoints are read with the run's config.json, expected in the "
+            "directory above checkpoints/") from e
     if rank <= 0:
         return restored["policy"]
     return merge_lora(base_params, restored["lora"], lora_scale(lora["alpha"], rank))
