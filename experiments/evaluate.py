@@ -228,7 +228,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     workdir = pathlib.Path(workdir)
-    RI.check_workdir(workdir, config, log=log, what="evaluation")  # before anything is written
+    RI.check_workdir(workdir, config, log=log, what="an evaluation")  # before any write
     benchmark = benchmark_name(config)
     selected = select_conversations(config)
     n_q = sum(len(q) for _, q in selected)

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 __all__ = ["USER_ERRORS", "EXIT_USER_ERROR", "DEBUG_ENV", "register_user_error", "run_main",
            "one_line", "user_error_line"]
@@ -109,8 +109,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
+def _quiet_logs(argv: list[str]) -> None:
+    """absl INFO lines (``JAX process 0/1 ...``) off stderr unless asked for (``-v``,
+    ``--verbosity``, ``--verbose``): a failing command prints its one line only."""
+    if not _debug(argv) and not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+        logging.set_verbosity(logging.WARNING)
+
+
 def _one_line_main(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
     def wrapped(argv):
+        _quiet_logs(sys.argv)
         try:
             return main(argv)
         except _registry() as err:

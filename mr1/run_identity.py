@@ -35,7 +35,7 @@ from mr1.fileio import write_json_atomic, write_text_atomic
 __all__ = ["EXEMPT", "ALLOW_ENV", "IDENTITY_FILE", "RunIdentityError", "WorkdirError",
            "CheckpointMismatchError", "identity_fields", "fingerprint", "config_fingerprint",
            "describe_diff",
-           "stored_fields", "check_workdir", "prepare_workdir", "record", "checkpoint_metadata",
+           "check_directory", "stored_fields", "check_workdir", "prepare_workdir", "record", "checkpoint_metadata",
            "restore_checkpoint", "change_allowed", "set_aside_best"]
 
 # Fields that may change on resume (fnmatch patterns over dotted names). Everything else is
@@ -174,18 +174,24 @@ def change_allowed(config: Any = None) -> bool:
     return bool(get("allow_config_change", False)) if get else False
 
 
+def check_directory(workdir: str | os.PathLike) -> pathlib.Path:
+    """``workdir`` as a Path; raises :class:`WorkdirError` if it exists and is not a directory."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file, not a directory; pass a directory "
+                           "(it is created if missing)")
+    return workdir
+
+
 def check_workdir(workdir: str | os.PathLike, config: Any, *, log: Callable[[str], None] = print,
-                  what: str = "run") -> str:
+                  what: str = "a run") -> str:
     """Checks that ``workdir`` can hold this config's run; returns the differences ("" none).
 
     Raises:
       WorkdirError: ``workdir`` exists and is not a directory.
       RunIdentityError: it holds a run of another identity and the change is not allowed.
     """
-    workdir = pathlib.Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir {workdir} is a file, not a directory; pass a directory "
-                           "(it is created if missing)")
+    workdir = check_directory(workdir)
     old = stored_fields(workdir) if workdir.is_dir() else None
     if old is None:
         return ""
@@ -195,16 +201,16 @@ def check_workdir(workdir: str | os.PathLike, config: Any, *, log: Callable[[str
         return ""
     if not change_allowed(config):
         raise RunIdentityError(
-            f"{workdir} holds a {what} with another config ({changes}); use a new --workdir, "
+            f"{workdir} holds {what} with another config ({changes}); use a new --workdir, "
             f"or set {ALLOW_ENV}=1 to continue it with the new values (recorded in "
             f"{IDENTITY_FILE})")
-    log(f"{workdir}: continuing the {what} with a changed config ({changes}); "
+    log(f"{workdir}: continuing {what} with a changed config ({changes}); "
         f"{ALLOW_ENV}=1 is set")
     return changes
 
 
 def prepare_workdir(config: Any, workdir: str | os.PathLike, *,
-                    log: Callable[[str], None] = print, what: str = "run") -> pathlib.Path:
+                    log: Callable[[str], None] = print, what: str = "a run") -> pathlib.Path:
     """:func:`check_workdir`, then creates the directory. Writes no file: ``config.json``
     comes with :func:`record`, once the run has loaded its data and restored."""
     check_workdir(workdir, config, log=log, what=what)

@@ -168,10 +168,14 @@ def test_best_json_of_another_config_is_not_carried_over(tmp_path):
 # ------------------------------------------------------------------ one-line errors (CLI)
 
 
-def _cli(args, workdir, env=None, timeout=600):
+TINY_EVAL = ROOT / "experiments" / "configs" / "evaluate_locomo_tiny.py"
+
+
+def _cli(args, workdir, env=None, timeout=600, script="grpo_answer", config=TINY_RL):
     e = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})}
-    e.pop(RI.ALLOW_ENV, None) if not (env and RI.ALLOW_ENV in env) else None
-    cmd = [sys.executable, str(ROOT / "experiments" / "grpo_answer.py"), f"--config={TINY_RL}",
+    if not (env and RI.ALLOW_ENV in env):
+        e.pop(RI.ALLOW_ENV, None)
+    cmd = [sys.executable, str(ROOT / "experiments" / f"{script}.py"), f"--config={config}",
            f"--workdir={workdir}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
 
@@ -195,9 +199,19 @@ def test_cli_flag_and_model_errors_are_one_line(tmp_path, args, parts):
     assert not (tmp_path / "w" / "config.json").exists()
 
 
-def test_cli_workdir_that_is_a_file(tmp_path):
+@pytest.mark.parametrize("script, config", [("grpo_answer", TINY_RL), ("grpo_memory", None),
+                                            ("evaluate", TINY_EVAL),
+                                            ("build_memory", TINY_EVAL)])
+def test_cli_workdir_that_is_a_file(tmp_path, script, config):
     (tmp_path / "f").write_text("")
-    _one_line(_cli([], tmp_path / "f"), "is a file, not a directory")
+    config = config or ROOT / "experiments" / "configs" / "locomo_tiny_memory_rl.py"
+    _one_line(_cli([], tmp_path / "f", script=script, config=config),
+              "is a file, not a directory")
+
+
+def test_cli_evaluate_unknown_field(tmp_path):
+    _one_line(_cli(["--config.nonexistent=1"], tmp_path / "w", script="evaluate",
+                   config=TINY_EVAL), "--config.nonexistent=1", "no field 'nonexistent'")
 
 
 def test_cli_verbose_gives_the_traceback(tmp_path):
