@@ -31,6 +31,7 @@ flags.DEFINE_bool("verbose", False, "show the full traceback of an error (also M
 
 def _user_error_types() -> list[type[BaseException]]:
     from mr1.assets import AssetNotFoundError
+    from mr1.checkpoint import CheckpointNotFoundError
     from mr1.data.paths import DataFileError, DataNotFoundError
     from mr1.models.policy import UnknownModelError
     from mr1.models.weights import WeightLoadError
@@ -38,7 +39,7 @@ def _user_error_types() -> list[type[BaseException]]:
 
     return [app.UsageError, flags.Error, DataFileError, DataNotFoundError, UnknownModelError,
             WeightLoadError, AssetNotFoundError, RunIdentityError, WorkdirError,
-            CheckpointMismatchError]
+            CheckpointMismatchError, CheckpointNotFoundError]
 
 
 USER_ERRORS: list[type[BaseException]] = []

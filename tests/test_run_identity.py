@@ -303,3 +303,47 @@ def test_unfinished_answers_of_another_config_name_the_fields(tmp_path, locomo_a
         ev.AnswerCheckpoint(tmp_path, _config(method="rag", rag_top_k=5), log=lambda s: None)
     # an exempt field (the progress bar) resumes the same answers
     ev.AnswerCheckpoint(tmp_path, _config(method="rag", progress=True), log=lambda s: None)
+
+
+# ------------------------------------------------------------------ mr1.entry in-process
+
+
+def _user_errors():
+    from absl import app
+
+    from mr1.assets import AssetCorruptError
+    from mr1.checkpoint import CheckpointNotFoundError
+    from mr1.data.paths import DataFileError
+    from mr1.models.policy import UnknownModelError
+    return [app.UsageError("too many arguments"), DataFileError("bad\nfile"),
+            UnknownModelError("unknown model 'x'"), RI.WorkdirError("w is a file"),
+            RI.RunIdentityError("another config"), RI.CheckpointMismatchError("no fit"),
+            CheckpointNotFoundError("no checkpoint directory /x"),
+            AssetCorruptError("delete /c/model.safetensors")]
+
+
+@pytest.mark.parametrize("err", _user_errors(), ids=lambda e: type(e).__name__)
+def test_run_main_reports_user_errors_as_one_line(err, capsys, monkeypatch):
+    from mr1.entry import run_main
+    monkeypatch.delenv("MR1_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["prog"])
+
+    def main(argv):
+        raise err
+
+    with pytest.raises(SystemExit) as info:
+        run_main(main, argv=["prog"])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FATAL: ")
+    assert " ".join(str(err.args[0]).split()) in lines[0]
+
+
+def test_run_main_keeps_tracebacks_of_bugs_and_in_debug(monkeypatch):
+    from mr1.entry import run_main
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    with pytest.raises(ZeroDivisionError):      # a bug is not a user error
+        run_main(lambda argv: 1 / 0, argv=["prog"])
+    monkeypatch.setenv("MR1_DEBUG", "1")
+    with pytest.raises(RI.WorkdirError):          # MR1_DEBUG=1: the exception itself
+        run_main(lambda argv: (_ for _ in ()).throw(RI.WorkdirError("x")), argv=["prog"])
