@@ -204,8 +204,7 @@ class AnswerCheckpoint:
                     f"config ({RI.describe_diff(found, fields)}); remove it to start over, or "
                     "pick another --workdir")
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(stamp, json.dumps(json.loads(config.to_json()), sort_keys=True,
-                                            indent=1))
+        RI.record(self.directory, config)   # config.json + run_identity.json (fingerprint)
         self.done = {p.stem: [json.loads(x) for x in p.read_text().splitlines()]
                      for p in sorted(self.directory.glob("*.jsonl"))}
         if self.done:

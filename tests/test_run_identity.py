@@ -299,6 +299,8 @@ def test_unfinished_answers_of_another_config_name_the_fields(tmp_path, locomo_a
     from tests.test_evaluate import _config, _module
     ev = _module("evaluate")
     ev.AnswerCheckpoint(tmp_path, _config(method="rag"), log=lambda s: None)
+    assert json.loads((tmp_path / "answers" / RI.IDENTITY_FILE).read_text())["fingerprint"] == \
+        RI.config_fingerprint(_config(method="rag"))
     with pytest.raises(RI.RunIdentityError, match=r"rag_top_k 3 -> 5"):
         ev.AnswerCheckpoint(tmp_path, _config(method="rag", rag_top_k=5), log=lambda s: None)
     # an exempt field (the progress bar) resumes the same answers

@@ -108,7 +108,8 @@ class ParseResult:
     @property
     def reasons(self) -> list[Reason]:
         """The reason of every invalid op, then ``TOO_MANY_OPS`` once per dropped op."""
-        return [op.reason for op in self.ops if not op.valid] + [Reason.TOO_MANY_OPS] * self.dropped
+        dropped = [Reason.TOO_MANY_OPS] * self.dropped
+        return [op.reason for op in self.ops if not op.valid] + dropped
 
     @property
     def valid_ops(self) -> list[ParsedOp]:
@@ -264,12 +265,18 @@ def _parse_plain_line(word: str, rest: str, valid_ids) -> ParsedOp:
     return _make_op(word, m.group(1), m.group(2) or "", "", valid_ids)
 
 
-def _parse_plain(text: str, valid_ids) -> list[ParsedOp]:
-    ops = []
+def _op_lines(text: str) -> Iterable[tuple[str, str]]:
+    """``(op word, rest of the line)`` of every plain-form op line."""
     for m in _PLAIN.finditer(text):
         word, rest = m.group(1), m.group(2)
         if rest and not rest[0].isspace() and rest[0] not in ":[#(":
             continue  # e.g. "ADDITIONAL": not an op word
+        yield word, rest
+
+
+def _parse_plain(text: str, valid_ids) -> list[ParsedOp]:
+    ops = []
+    for word, rest in _op_lines(text):
         try:
             ops.append(_parse_plain_line(word, rest, valid_ids))
         except Exception:  # noqa: BLE001 -- this line's op is invalid, the others stand
@@ -304,21 +311,19 @@ def parse_ops(text: str, valid_ids: Iterable[int | str] | None = None) -> ParseR
                                dropped=max(0, len(entries) - MAX_OPS_PER_REPLY))
         plain = _parse_plain(text, ids)
         if plain:
-            return _capped(plain, text, ids)
+            return _capped(plain, text)
         reason = Reason.BROKEN_JSON if looked_like_json else Reason.NO_OPERATION
         return ParseResult((_invalid(reason),), "none")
     except Exception:  # noqa: BLE001 -- the contract is: never raise; count it instead
         return ParseResult((_invalid(Reason.BROKEN_JSON),), "none")
 
 
-def _capped(plain: list[ParsedOp], text: str, ids) -> ParseResult:
+def _capped(plain: list[ParsedOp], text: str) -> ParseResult:
     """The plain-form result, at most :data:`MAX_OPS_PER_REPLY` ops; the op lines beyond the
     cap are counted (not parsed) as ``dropped``."""
     if len(plain) <= MAX_OPS_PER_REPLY:
         return ParseResult(tuple(plain), "plain")
-    total = sum(1 for m in _PLAIN.finditer(text)
-                if not (m.group(2) and not m.group(2)[0].isspace()
-                        and m.group(2)[0] not in ":[#("))
+    total = sum(1 for _ in _op_lines(text))
     return ParseResult(tuple(plain[:MAX_OPS_PER_REPLY]), "plain",
                        dropped=total - MAX_OPS_PER_REPLY)
 
