@@ -30,6 +30,8 @@ from mr1.agents.pipeline import (
     manager_identity,
     select_conversations,
 )
+from mr1.entry import run_main
+from mr1.run_identity import check_directory
 from mr1.memory.embedder import load_embedder
 from mr1.parallel import maybe_initialize_distributed, process_zero_first
 
@@ -44,7 +46,8 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     if config.memory.get("manager_checkpoint", ""):
         raise ValueError("build_memory.py builds with the loaded model only; run evaluate.py "
                          "to build banks with --config.memory.manager_checkpoint")
-    directory = pathlib.Path(config.memory.dir or pathlib.Path(workdir) / "memory")
+    workdir = check_directory(workdir)   # a file: one line (mr1.entry)
+    directory = pathlib.Path(config.memory.dir or workdir / "memory")
     claim_memory_dir(directory, manager_identity(config))
     cfg = PipelineConfig.from_mapping(config.memory)
     convs = [c for c, _ in select_conversations(config)]   # config.benchmark's data
@@ -70,4 +73,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run_main(main)  # user errors: one line, exit 2 (mr1.entry)

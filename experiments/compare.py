@@ -67,4 +67,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mr1.entry import run_main
+    run_main(main)  # user errors: one line, exit 2

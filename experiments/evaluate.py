@@ -49,6 +49,11 @@ killed mid-way, started again with the same command, answers only the conversati
 not finished; the folder is removed once the results are written. Another config's folder
 raises ValueError rather than mixing answers (remove it or pick another workdir). With
 several processes answers are not resumed (the processes must answer the same batches).
+
+The workdir is one evaluation's: its ``run_identity.json`` (:mod:`mr1.run_identity`, written
+with the results) makes a rerun with another config refuse with one line naming the fields that
+differ (a new ``--workdir``, or ``MR1_ALLOW_CONFIG_CHANGE=1`` to replace the results). Every
+output is written to a temporary file and renamed into place (:mod:`mr1.fileio`).
 """
 
 from __future__ import annotations
@@ -56,7 +61,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import time
@@ -76,9 +80,12 @@ from mr1.agents.pipeline import (
     manager_identity,
     select_conversations,
 )
+from mr1 import run_identity as RI
 from mr1.data.longmemeval import is_abstention
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
+from mr1.fileio import write_jsonl_atomic, write_text_atomic
+from mr1.entry import run_main
 from mr1.memory.embedder import load_embedder
 from mr1.rl.trainer import load_policy_from_config
 from mr1.parallel import is_main_process, maybe_initialize_distributed, process_zero_first
@@ -187,14 +194,17 @@ class AnswerCheckpoint:
         self.done: dict[str, list[dict]] = {}
         if not self.enabled:
             return
-        identity = json.dumps(json.loads(config.to_json()), sort_keys=True, indent=1)
-        stamp = self.directory / "config.json"
-        if stamp.is_file() and stamp.read_text() != identity:
-            raise ValueError(
-                f"{self.directory} holds the answers of an unfinished run with another config; "
-                "remove it to start over, or pick another --workdir")
+        fields = RI.identity_fields(config)
+        stamp = self.directory / "config.json"   # the answering config (its identity fields)
+        if stamp.is_file():
+            found = RI.identity_fields(json.loads(stamp.read_text()))
+            if found != fields:
+                raise RI.RunIdentityError(
+                    f"{self.directory} holds the answers of an unfinished run with another "
+                    f"config ({RI.describe_diff(found, fields)}); remove it to start over, or "
+                    "pick another --workdir")
         self.directory.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(identity)
+        RI.record(self.directory, config)   # config.json + run_identity.json (fingerprint)
         self.done = {p.stem: [json.loads(x) for x in p.read_text().splitlines()]
                      for p in sorted(self.directory.glob("*.jsonl"))}
         if self.done:
@@ -204,9 +214,7 @@ class AnswerCheckpoint:
     def put(self, conv_id: str, rows: list[dict]) -> None:
         if not self.enabled:
             return
-        tmp = self.directory / f"{conv_id}.jsonl.tmp"   # renamed: never a half-written file
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.directory / f"{conv_id}.jsonl")
+        write_jsonl_atomic(self.directory / f"{conv_id}.jsonl", rows)  # never half-written
 
     def remove(self) -> None:
         if self.enabled:
@@ -219,6 +227,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     workdir = pathlib.Path(workdir)
+    RI.check_workdir(workdir, config, log=log, what="an evaluation")  # before any write
     benchmark = benchmark_name(config)
     selected = select_conversations(config)
     n_q = sum(len(q) for _, q in selected)
@@ -316,11 +325,9 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     if not is_main_process():  # every process computed the same rows; process 0 writes them
         return {"rows": rows, "table": table, "markdown": markdown, "paths": paths,
                 "wall_s": wall}
-    with open(paths["jsonl"], "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    paths["markdown"].write_text(markdown + notes)
-    paths["json"].write_text(json.dumps(
+    write_jsonl_atomic(paths["jsonl"], rows)   # temp file + rename: never half a file
+    write_text_atomic(paths["markdown"], markdown + notes)
+    write_text_atomic(paths["json"], json.dumps(
         {"table": table, "benchmark": benchmark,
          "longmemeval_variant": (config.get("longmemeval_variant") or "oracle"
                                  if benchmark == "longmemeval" else None),
@@ -331,7 +338,9 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
          "distill": distill if config.method == "memory" else None,
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,
+         "run_identity": RI.config_fingerprint(config),
          "config": json.loads(config.to_json())}, indent=2))
+    RI.record(workdir, config, config_file=False)   # run_identity.json: a rerun must match
     checkpoint.remove()   # the results hold every row now
     log(markdown + notes)
     return {"rows": rows, "table": table, "markdown": markdown, "paths": paths, "wall_s": wall}
@@ -346,4 +355,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run_main(main)  # user errors: one line, exit 2 (mr1.entry)

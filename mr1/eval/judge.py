@@ -12,7 +12,8 @@ Configuration comes from arguments or the environment: ``MR1_JUDGE_BASE_URL`` (e
 ``POST {base_url}/chat/completions`` with ``urllib`` (no SDK), temperature 0, a timeout, and
 retries with exponential backoff on network errors, timeouts, HTTP 429 and 5xx. The API key is
 sent only in the ``Authorization`` header: it is never logged, printed, put in an exception
-message or shown by ``repr``.
+message or shown by ``repr``. A key in the base URL's query string (``?api-key=...``) or its
+userinfo is redacted the same way (:func:`redact_url`).
 
 When no judge is configured, :func:`load_judge` returns ``None`` and :func:`judge_scores`
 returns ``None`` per item: J is reported as not computed, never faked.
@@ -29,6 +30,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Sequence
 
@@ -59,6 +61,20 @@ Generated answer: {prediction}
 Think briefly, then reply with only a JSON object whose key "label" is "CORRECT" or "WRONG", \
 for example {{"label": "CORRECT"}}. Never use both words in the label.
 """
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every query value and the userinfo password replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    query = "&".join(f"{k}=***" if v else k for k, v in
+                     urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class JudgeError(RuntimeError):
@@ -92,9 +108,32 @@ class JudgeConfig:
     max_tokens: int = 128
     json_mode: bool = True
 
+    def __repr__(self) -> str:  # the URL redacted, the key left out
+        return (f"JudgeConfig(base_url={redact_url(self.base_url)!r}, model={self.model!r}, "
+                f"timeout={self.timeout}, max_retries={self.max_retries})")
+
     @property
     def endpoint(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
+        """``{base_url}/chat/completions``; a query string (``?api-key=...``, as some gateways
+        take the key) stays after the path."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        path = parts.path.rstrip("/") + "/chat/completions"
+        return urllib.parse.urlunsplit(parts._replace(path=path))
+
+    @property
+    def display_endpoint(self) -> str:
+        """:attr:`endpoint` safe to show: query values and a password as ``***``."""
+        return redact_url(self.endpoint)
+
+    def secrets(self) -> list[str]:
+        """Strings never to show: the API key, query values and a password of the URL."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        out = [self.api_key] if self.api_key else []
+        out += [v for _, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=False)
+                if len(v) >= 4]
+        if parts.password:
+            out.append(parts.password)
+        return sorted(set(out), key=len, reverse=True)
 
     @classmethod
     def from_env(cls, base_url: str | None = None, model: str | None = None,
@@ -173,11 +212,12 @@ class LLMJudge:
 
     def __repr__(self) -> str:
         c = self.config
-        return f"LLMJudge(base_url={c.base_url!r}, model={c.model!r})"
+        return f"LLMJudge(base_url={redact_url(c.base_url)!r}, model={c.model!r})"
 
     def _scrub(self, text: str) -> str:
-        key = self.config.api_key
-        return text.replace(key, "***") if key else text
+        for secret in self.config.secrets():
+            text = text.replace(secret, "***")
+        return text
 
     def _request(self, payload: dict) -> urllib.request.Request:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -207,8 +247,8 @@ class LLMJudge:
                 last = self._scrub(f"HTTP {err.code} {err.reason}: {detail}")
                 if err.code in _RETRY_STATUS:
                     continue
-                raise JudgeError(f"judge endpoint {c.endpoint} refused the request: {last}") \
-                    from None
+                raise JudgeError(f"judge endpoint {c.display_endpoint} refused the request: "
+                                 f"{last}") from None
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
                 last = self._scrub(f"{type(err).__name__}: {err}")
                 continue
@@ -217,7 +257,7 @@ class LLMJudge:
             except (json.JSONDecodeError, KeyError, IndexError, TypeError):
                 last = self._scrub(f"malformed response: {body[:300]!r}")
                 continue
-        raise JudgeError(f"judge endpoint {c.endpoint} failed after {c.max_retries + 1} "
+        raise JudgeError(f"judge endpoint {c.display_endpoint} failed after {c.max_retries + 1} "
                          f"attempts; last error: {last}")
 
     def judge(self, question: str, gold: str, prediction: str) -> bool:

@@ -15,9 +15,20 @@ Two forms are understood:
 
 Parsing never raises. Whatever is malformed -- no output, broken JSON, an entry that is not an
 object, an unknown event, a missing or non-integer id, an id not among ``valid_ids`` (for UPDATE
-and DELETE), empty text for ADD/UPDATE -- becomes a NOOP marked invalid with a :class:`Reason`.
+and DELETE), empty text for ADD/UPDATE -- becomes a NOOP marked invalid with a :class:`Reason`,
+and only that op: a bad field of one entry never drops the other entries of the reply.
 :func:`ops_to_actions` turns parsed ops into the batched :class:`~mr1.memory.bank.MemoryAction`
-the bank applies.
+the bank applies; an id outside the int32 range becomes target -1 (the bank refuses it).
+
+Hardening against what a sampled reply can hold:
+
+* the reply's LAST complete op container wins (a model that quotes an example op in its prose
+  before its real JSON is read by its real JSON); containers nested inside another are not
+  candidates;
+* at most :data:`MAX_OPS_PER_REPLY` ops are kept; the rest are dropped and counted
+  (``ParseResult.dropped``, reason ``too_many_ops``);
+* every regex runs in linear time (possessive quantifiers where a backtracking pattern was
+  quadratic) and at most :data:`MAX_REPLY_CHARS` characters are read.
 """
 
 from __future__ import annotations
@@ -32,7 +43,11 @@ import numpy as np
 
 from mr1.memory.bank import MemoryAction, OpCode
 
-MAX_JSON_CANDIDATES = 32  # '{' / '[' positions tried before giving up on JSON
+MAX_JSON_CANDIDATES = 32  # '{' / '[' positions that failed to decode before giving up on JSON
+MAX_OPS_PER_REPLY = 64    # ops kept from one reply; the rest are dropped and counted
+MAX_REPLY_CHARS = 1 << 17  # characters of a reply parsed (a guard: the regexes are linear)
+MAX_ID_DIGITS = 18        # longer digit strings are not ids (int() of 4300+ digits raises)
+INT32_MAX = 2**31 - 1
 
 
 class Reason(str, enum.Enum):
@@ -48,6 +63,7 @@ class Reason(str, enum.Enum):
     BAD_ID = "bad_id"                  # id is not an integer
     UNKNOWN_ID = "unknown_id"          # id not among the valid ids
     EMPTY_TEXT = "empty_text"          # ADD/UPDATE with empty text
+    TOO_MANY_OPS = "too_many_ops"      # ops beyond MAX_OPS_PER_REPLY (dropped, not in ops)
 
 
 EVENTS: dict[str, OpCode] = {
@@ -82,14 +98,18 @@ class ParseResult:
 
     ops: tuple[ParsedOp, ...]
     form: str  # "json" | "plain" | "none"
+    dropped: int = 0  # ops beyond MAX_OPS_PER_REPLY, left out of ``ops``
 
     @property
     def num_invalid(self) -> int:
-        return sum(not op.valid for op in self.ops)
+        """Invalid ops plus dropped ones."""
+        return sum(not op.valid for op in self.ops) + self.dropped
 
     @property
     def reasons(self) -> list[Reason]:
-        return [op.reason for op in self.ops if not op.valid]
+        """The reason of every invalid op, then ``TOO_MANY_OPS`` once per dropped op."""
+        dropped = [Reason.TOO_MANY_OPS] * self.dropped
+        return [op.reason for op in self.ops if not op.valid] + dropped
 
     @property
     def valid_ops(self) -> list[ParsedOp]:
@@ -114,13 +134,23 @@ def _as_int(value) -> int | None:
         return int(value) if value.is_integer() else None
     if isinstance(value, str):
         digits = value.strip().strip("[]#()").strip()
+        if len(digits.lstrip("-").lstrip("0")) > MAX_ID_DIGITS:
+            return None  # not an id anyone was shown (and int() of 4300+ digits raises)
         return int(digits) if _INT.fullmatch(digits) else None
     return None
 
 
 def _make_op(event: str, raw_id, text, old_memory, valid_ids: frozenset[int] | None
              ) -> ParsedOp:
-    """Validates one (event, id, text) triple; every failure becomes an invalid NOOP."""
+    """Validates one (event, id, text) triple; every failure becomes an invalid NOOP (of this
+    op only: an unexpected error in one field is this op's ``BAD_STRUCTURE``)."""
+    try:
+        return _check_op(event, raw_id, text, old_memory, valid_ids)
+    except Exception:  # noqa: BLE001 -- one bad field invalidates its op, never the reply
+        return _invalid(Reason.BAD_STRUCTURE, event if isinstance(event, str) else "")
+
+
+def _check_op(event, raw_id, text, old_memory, valid_ids) -> ParsedOp:
     op = EVENTS.get(event.strip().upper()) if isinstance(event, str) else None
     event_str = event if isinstance(event, str) else repr(event)
     if op is None:
@@ -149,7 +179,7 @@ def _make_op(event: str, raw_id, text, old_memory, valid_ids: frozenset[int] | N
 
 # ----------------------------------------------------------------------------- JSON form
 
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n?(.*?)```", re.DOTALL)
+_OPENER = re.compile(r"[\[{]")
 
 
 def _entries(obj) -> list | None:
@@ -167,30 +197,36 @@ def _entries(obj) -> list | None:
 
 
 def _find_json(text: str) -> tuple[list | None, bool]:
-    """(entries of the first op container found, whether any JSON-looking text was seen)."""
+    """(entries of the LAST top-level op container in ``text``, whether any JSON-looking text
+    was seen).
+
+    Candidates are the ``{`` / ``[`` positions left to right; a value that decodes is skipped
+    over whole (what is nested in it is not a candidate), so code fences, prose and quoted
+    examples need no special case: the last complete container is the reply's answer.
+    """
     decoder = json.JSONDecoder()
-    chunks = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    looked = False
-    tries = 0
-    for chunk in chunks:
-        for m in re.finditer(r"[\[{]", chunk):
-            looked = True
-            tries += 1
-            if tries > MAX_JSON_CANDIDATES:
-                return None, looked
-            try:
-                obj, _ = decoder.raw_decode(chunk, m.start())
-            except (ValueError, RecursionError):
-                continue
-            entries = _entries(obj)
-            if entries is not None:
-                return entries, looked
-    return None, looked
+    looked, failures, found = False, 0, None
+    pos = 0
+    while (m := _OPENER.search(text, pos)) is not None:
+        looked = True
+        try:
+            obj, end = decoder.raw_decode(text, m.start())
+        except (ValueError, RecursionError):
+            failures += 1
+            if failures > MAX_JSON_CANDIDATES:
+                break
+            pos = m.start() + 1
+            continue
+        entries = _entries(obj)
+        if entries is not None:
+            found = entries
+        pos = end  # nested values are not candidates
+    return found, looked
 
 
 def _parse_json_entries(entries: list, valid_ids) -> list[ParsedOp]:
     ops = []
-    for e in entries:
+    for e in entries[:MAX_OPS_PER_REPLY]:
         if not isinstance(e, dict):
             ops.append(_invalid(Reason.BAD_STRUCTURE))
             continue
@@ -202,9 +238,14 @@ def _parse_json_entries(entries: list, valid_ids) -> list[ParsedOp]:
 # ----------------------------------------------------------------------------- plain form
 
 _OP_WORDS = "|".join(sorted((re.escape(k) for k in EVENTS), key=len, reverse=True))
-_PLAIN = re.compile(rf"^[ \t>*\-•]*(?:\d+[.)][ \t]*)?\**({_OP_WORDS})\**(?![\w-])(.*)$",
-                    re.MULTILINE)
-_ID_TOKEN = re.compile(r"\s*([\[#(]*\s*-?\w+\s*[\])]*)\s*(?::\s*(.*))?$", re.DOTALL)
+# Possessive quantifiers (``*+``): the classes they separate are disjoint, so nothing a
+# backtracking match could find is lost, and a run of spaces or stars is read once, not once
+# per start position ("UPDATE a" + 8000 spaces + "b" took 1 s with the backtracking pattern).
+_PLAIN = re.compile(
+    rf"^[ \t>*\-•]*+(?:\d++[.)][ \t]*+)?\**+({_OP_WORDS})\**+(?![\w-])(.*)$", re.MULTILINE)
+_ID_TOKEN = re.compile(r"\s*+([\[#(]*+\s*+-?\w++\s*+[\])]*+)\s*+(?::\s*+(.*))?$",
+                       re.DOTALL)
+_ADD_ID = re.compile(r"\[?#?\d++\]?\s*+:\s*+(.*)$", re.DOTALL)
 
 
 def _parse_plain_line(word: str, rest: str, valid_ids) -> ParsedOp:
@@ -215,7 +256,7 @@ def _parse_plain_line(word: str, rest: str, valid_ids) -> ParsedOp:
     if rest.startswith(":"):
         return _make_op(word, None, rest[1:], "", valid_ids)
     if op == OpCode.ADD:  # "ADD text" or "ADD 4: text" (an id given to ADD is ignored)
-        m = re.match(r"\[?#?\d+\]?\s*:\s*(.*)$", rest, re.DOTALL)
+        m = _ADD_ID.match(rest)
         return _make_op(word, None, m.group(1) if m else rest, "", valid_ids)
     m = _ID_TOKEN.match(rest)
     if m is None:  # UPDATE / DELETE whose first token is not an id
@@ -224,13 +265,24 @@ def _parse_plain_line(word: str, rest: str, valid_ids) -> ParsedOp:
     return _make_op(word, m.group(1), m.group(2) or "", "", valid_ids)
 
 
-def _parse_plain(text: str, valid_ids) -> list[ParsedOp]:
-    ops = []
+def _op_lines(text: str) -> Iterable[tuple[str, str]]:
+    """``(op word, rest of the line)`` of every plain-form op line."""
     for m in _PLAIN.finditer(text):
         word, rest = m.group(1), m.group(2)
         if rest and not rest[0].isspace() and rest[0] not in ":[#(":
             continue  # e.g. "ADDITIONAL": not an op word
-        ops.append(_parse_plain_line(word, rest, valid_ids))
+        yield word, rest
+
+
+def _parse_plain(text: str, valid_ids) -> list[ParsedOp]:
+    ops = []
+    for word, rest in _op_lines(text):
+        try:
+            ops.append(_parse_plain_line(word, rest, valid_ids))
+        except Exception:  # noqa: BLE001 -- this line's op is invalid, the others stand
+            ops.append(_invalid(Reason.BAD_STRUCTURE, word))
+        if len(ops) > MAX_OPS_PER_REPLY:
+            break  # one past the cap: enough to know ops were dropped
     return ops
 
 
@@ -252,16 +304,28 @@ def parse_ops(text: str, valid_ids: Iterable[int | str] | None = None) -> ParseR
             ids = frozenset(i for i in (_as_int(v) for v in valid_ids) if i is not None)
         if not text.strip():
             return ParseResult((_invalid(Reason.EMPTY_OUTPUT),), "none")
+        text = text[:MAX_REPLY_CHARS]
         entries, looked_like_json = _find_json(text)
         if entries is not None:
-            return ParseResult(tuple(_parse_json_entries(entries, ids)), "json")
+            return ParseResult(tuple(_parse_json_entries(entries, ids)), "json",
+                               dropped=max(0, len(entries) - MAX_OPS_PER_REPLY))
         plain = _parse_plain(text, ids)
         if plain:
-            return ParseResult(tuple(plain), "plain")
+            return _capped(plain, text)
         reason = Reason.BROKEN_JSON if looked_like_json else Reason.NO_OPERATION
         return ParseResult((_invalid(reason),), "none")
     except Exception:  # noqa: BLE001 -- the contract is: never raise; count it instead
         return ParseResult((_invalid(Reason.BROKEN_JSON),), "none")
+
+
+def _capped(plain: list[ParsedOp], text: str) -> ParseResult:
+    """The plain-form result, at most :data:`MAX_OPS_PER_REPLY` ops; the op lines beyond the
+    cap are counted (not parsed) as ``dropped``."""
+    if len(plain) <= MAX_OPS_PER_REPLY:
+        return ParseResult(tuple(plain), "plain")
+    total = sum(1 for _ in _op_lines(text))
+    return ParseResult(tuple(plain[:MAX_OPS_PER_REPLY]), "plain",
+                       dropped=total - MAX_OPS_PER_REPLY)
 
 
 # ----------------------------------------------------------------------------- to actions
@@ -278,7 +342,8 @@ def ops_to_actions(ops: Sequence[ParsedOp] | ParseResult, tokenize: Callable[[st
     ``Embedder.encode``) embeds the ADD/UPDATE texts in one call (zeros if None).
     ``id_to_slot`` maps the ids the model saw to bank slots (identity if None; an id it lacks
     becomes target -1, which the bank refuses). ``num_ops`` pads with NOOPs or truncates
-    (default: ``len(ops)``, at least 1).
+    (default: ``len(ops)``, at least 1). Never raises on an op's id: one outside
+    ``[0, 2**31 - 1]`` becomes target -1.
     """
     ops = list(ops.ops if isinstance(ops, ParseResult) else ops)
     n = max(1, len(ops)) if num_ops is None else num_ops
@@ -293,8 +358,10 @@ def ops_to_actions(ops: Sequence[ParsedOp] | ParseResult, tokenize: Callable[[st
         if not p.valid:
             continue
         op[i] = int(p.op)
-        if p.id is not None:
-            target[i] = p.id if id_to_slot is None else id_to_slot.get(p.id, -1)
+        if p.id is not None:  # an id outside int32 (or unmapped) is target -1: refused
+            slot = p.id if id_to_slot is None else id_to_slot.get(p.id, -1)
+            target[i] = slot if isinstance(slot, (int, np.integer)) and 0 <= slot <= INT32_MAX \
+                else -1
         if p.op in NEEDS_TEXT:
             ids = np.asarray(list(tokenize(p.text)), np.int32)[:max_len]
             tokens[i, : ids.size] = ids

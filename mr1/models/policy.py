@@ -127,6 +127,13 @@ def _cast(params, dtype):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
+class UnknownModelError(KeyError, FileNotFoundError):
+    """``load_policy`` got a name that is neither a preset nor an existing file or folder."""
+
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
 def load_policy(name_or_path: str = "smollm2-135m-instruct", *, dtype=jnp.float32,
                 seed: int = 0, tokenizer=None) -> Policy:
     """Loads a policy.
@@ -144,7 +151,8 @@ def load_policy(name_or_path: str = "smollm2-135m-instruct", *, dtype=jnp.float3
       tokenizer: override the tokenizer.
 
     Raises:
-      KeyError: an unknown name that is not a path either.
+      UnknownModelError: an unknown name that is not a path either (a KeyError), or a path
+        that does not exist (also a FileNotFoundError).
       mr1.models.weights.WeightLoadError: an unsupported or incomplete checkpoint.
     """
     key = str(name_or_path)
@@ -168,10 +176,10 @@ def load_policy(name_or_path: str = "smollm2-135m-instruct", *, dtype=jnp.float3
         params = transformer.init_params(cfg, jax.random.PRNGKey(seed), dtype)
         return Policy(cfg, params, tokenizer)
     if "/" in key or key.endswith(".gguf"):
-        raise FileNotFoundError(
+        raise UnknownModelError(
             f"no such GGUF file or checkpoint folder: {key}. For an HF model, download its "
             "folder first (config.json, *.safetensors, tokenizer files; e.g. `huggingface-cli "
             "download Qwen/Qwen2.5-7B-Instruct --local-dir DIR`) and pass --config.model=DIR")
-    raise KeyError(f"unknown model {key!r}: not a file, not a folder and not a preset. "
+    raise UnknownModelError(f"unknown model {key!r}: not a file, not a folder and not a preset. "
                    f"Known presets: {preset_names()}; the embedded default is "
                    f"'smollm2-135m-instruct'.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mr1.entry import run_main
 from mr1.parallel import maybe_initialize_distributed
 
 
@@ -45,4 +46,4 @@ def run_trainer(algo: str, default_workdir: str, train_fn: str) -> None:
         getattr(importlib.import_module(module), name)(config, workdir_flag.value)
 
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run_main(main)  # user errors: one line, exit 2 (mr1.entry)

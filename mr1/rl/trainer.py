@@ -34,6 +34,8 @@ import jax
 import numpy as np
 
 from mr1 import parallel
+from mr1 import run_identity as RI
+from mr1.fileio import write_json_atomic
 from mr1.models import transformer
 from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import advantages as A
@@ -280,11 +282,15 @@ class Trainer:
                             max_to_keep=c.get("checkpoint_keep", 2))
         start = 0
         if ckpt.latest_step() is not None:
-            self.state, _ = ckpt.restore(self.state)
+            self.state, _ = RI.restore_checkpoint(ckpt, self.state)  # a mismatch: one line
             start = int(to_host(self.state.step))
             self.log(f"resumed from {self.workdir / 'checkpoints'} at step {start}")
+        if jax.process_index() == 0:  # config.json + run_identity.json, after the restore
+            RI.record(self.workdir, c, step=start)
+        meta = RI.checkpoint_metadata(c)
         writer = MetricsWriter(self.workdir, resume_step=start)
-        best = BestCheckpoint(self.workdir, metric=self.task.best_metric)
+        best = BestCheckpoint(self.workdir, metric=self.task.best_metric,
+                              identity=meta["run_identity"], log=self.log)
         num_steps = c.num_steps
         last_val = {}
         bar = _progress(range(start, num_steps), c.progress, initial=start, total=num_steps)
@@ -309,12 +315,12 @@ class Trainer:
                                     val_f1=f"{last_val.get('val_f1', float('nan')):.1f}")
                 else:
                     self.log(f"step {done}: {_fmt(metrics)}")
-                ckpt.save(done, self.state, metadata={"step": done})
+                ckpt.save(done, self.state, metadata={"step": done, **meta})
                 if stop():  # all processes agree (mr1.checkpoint.StopSignal)
                     self.log(f"SIGTERM: saving step {done} and stopping")
                     break
             final_step = int(to_host(self.state.step))
-            ckpt.save(final_step, self.state, force=True, metadata={"step": final_step})
+            ckpt.save(final_step, self.state, force=True, metadata={"step": final_step, **meta})
         ckpt.close()
         best.close()
         writer.close()
@@ -325,7 +331,7 @@ class Trainer:
                                    title=f"{self.algo.upper()} {self.task.name}, {c.model}",
                                    panels=self.task.curve_panels)
         summary["curves"] = str(png)
-        (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(self.workdir / "summary.json", summary)
         self.log(f"done: {_fmt(summary)}")
         return summary
 
@@ -376,9 +382,10 @@ def load_trained_params(checkpoint, base_params, *, step: int | None = None,
         raise
     except Exception as e:  # noqa: BLE001
         kind = f"LoRA rank {rank}" if rank > 0 else "full fine-tuning"
-        raise ValueError(f"{checkpoint}: params do not match a {kind} {run.get('algo', 'grpo')} "
-                         "run; LoRA and PPO checkpoints are read with the run's config.json, "
-                         "expected in the directory above checkpoints/") from e
+        raise RI.CheckpointMismatchError(
+            f"{checkpoint}: params do not match a {kind} {run.get('algo', 'grpo')} run; LoRA "
+            "and PPO checkpoints are read with the run's config.json, expected in the "
+            "directory above checkpoints/") from e
     if rank <= 0:
         return restored["policy"]
     return merge_lora(base_params, restored["lora"], lora_scale(lora["alpha"], rank))
@@ -388,15 +395,27 @@ class BestCheckpoint:
     """Keeps the params of the best validation F1 so far in ``<workdir>/best`` (one orbax
     checkpoint, same layout as ``checkpoints/``) and its step and scores in
     ``<workdir>/best.json``: RL on 152 questions over-fits, and the last step is not the best.
-    Evaluate it with ``evaluate.py --config.checkpoint=<workdir>/best``."""
+    Evaluate it with ``evaluate.py --config.checkpoint=<workdir>/best``.
 
-    def __init__(self, workdir: pathlib.Path, metric: str = "val_f1"):
+    ``identity`` (the run's fingerprint, :mod:`mr1.run_identity`) is stored in ``best.json``;
+    a best of another identity (a run continued with ``MR1_ALLOW_CONFIG_CHANGE=1``) is not
+    carried over: it is set aside as ``best.<fingerprint>`` / ``best.<fingerprint>.json``."""
+
+    def __init__(self, workdir: pathlib.Path, metric: str = "val_f1", identity: str = "",
+                 log: Callable[[str], None] = print):
         from mr1.checkpoint import Checkpointer
 
-        self.metric, self.file = metric, workdir / "best.json"
+        self.metric, self.file, self.identity = metric, workdir / "best.json", identity
+        found = json.loads(self.file.read_text()) if self.file.exists() else None
+        old = (found or {}).get("run_identity", "")
+        if found is not None and identity and old and old != identity:
+            if jax.process_index() == 0:
+                RI.set_aside_best(workdir, old)
+            log(f"{self.file}: the best of config {old}, not this config's ({identity}); set "
+                f"aside as best.{old}.json, not carried over")
+            found = None
         self.ckpt = Checkpointer(workdir / "best", save_every=1, max_to_keep=1)
-        self.score = (json.loads(self.file.read_text())[metric] if self.file.exists()
-                      else float("-inf"))
+        self.score = found[metric] if found is not None else float("-inf")
 
     def update(self, step: int, val: dict, state) -> bool:
         if not val or not val[self.metric] > self.score:
@@ -404,7 +423,8 @@ class BestCheckpoint:
         self.ckpt.save(step, state, force=True, metadata={"step": step, **val})
         self.score = val[self.metric]
         if jax.process_index() == 0:
-            self.file.write_text(json.dumps({"step": step, **val}, indent=2))
+            extra = {"run_identity": self.identity} if self.identity else {}
+            write_json_atomic(self.file, {"step": step, **val, **extra})
         return True
 
     def close(self) -> None:
@@ -471,12 +491,10 @@ def build_then_train(config, workdir, build_task: Callable[[], RLTask], *, polic
 
 
 def prepare_workdir(config, workdir) -> pathlib.Path:
-    """Creates ``workdir`` and writes the run's ``config.json`` (process 0)."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json(indent=2))
-    return workdir
+    """Checks ``workdir`` against the config (:func:`mr1.run_identity.prepare_workdir`: a
+    directory, holding no run of another config) and creates it. ``config.json`` is written by
+    :meth:`Trainer.run` once the data loaded and the checkpoint restored."""
+    return RI.prepare_workdir(config, workdir)
 
 
 def train(config, workdir, *, policy=None, embedder=None, log=print) -> dict:
