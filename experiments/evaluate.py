@@ -53,7 +53,6 @@ several processes answers are not resumed (the processes must answer the same ba
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -76,6 +75,7 @@ from mr1.agents.pipeline import (
     manager_identity,
     select_conversations,
 )
+from mr1.memory.store import sum_stats
 from mr1.data.longmemeval import is_abstention
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
@@ -138,16 +138,23 @@ def build_memories(config, workdir, selected, base, answer_policy, embedder, gen
                      log=log)
 
 
-def memory_ops(memories) -> dict:
+def memory_ops(memories, config=None) -> dict:
     """The build statistics of ``memories`` summed: ops, invalid (by reason), refused (by
-    reason), facts, manager calls and the invalid rate ((invalid + refused) / manager calls)."""
-    stats = [m.stats for m in memories.values()]
-    total = {k: sum((getattr(s, k) for s in stats), collections.Counter())
-             for k in ("ops", "invalid", "refused")}
-    calls = sum(s.manager_calls for s in stats)
-    bad = sum(total["invalid"].values()) + sum(total["refused"].values())
-    return {**{k: dict(v) for k, v in total.items()}, "facts": sum(s.facts for s in stats),
-            "manager_calls": calls, "invalid_rate": bad / calls if calls else None}
+    reason), facts, manager calls, the invalid rate ((invalid + refused) / manager calls) and
+    the budget's events: ``bank_full`` (ADDs refused by a full bank), ``evicted`` (memories
+    an ADD into a full bank overwrote), ``truncated`` (texts cut to ``max_len`` tokens); with
+    ``config``, the budget itself (``num_slots``, ``full_policy``, ``max_len``)."""
+    total = sum_stats([m.stats for m in memories.values()])
+    calls = total.manager_calls
+    bad = sum(total.invalid.values()) + sum(total.refused.values())
+    out = {"ops": dict(total.ops), "invalid": dict(total.invalid),
+           "refused": dict(total.refused), "facts": total.facts, "manager_calls": calls,
+           "invalid_rate": bad / calls if calls else None, **total.capacity}
+    if config is not None:
+        cfg = PipelineConfig.from_mapping(config.memory)
+        out.update(manager=cfg.manager, num_slots=cfg.num_slots, full_policy=cfg.full_policy,
+                   max_len=cfg.max_len)
+    return out
 
 
 def _ops_note(ops: dict) -> str:
@@ -155,9 +162,13 @@ def _ops_note(ops: dict) -> str:
     counts = ", ".join(f"{op} {ops['ops'].get(op, 0)}" for op in ("ADD", "UPDATE", "DELETE",
                                                                    "NOOP"))
     rate = "n/a" if ops["invalid_rate"] is None else f"{ops['invalid_rate']:.3f}"
+    budget = (f"; budget {ops['num_slots']} slots per speaker, {ops['full_policy']}"
+              if "num_slots" in ops else "")
     return (f"memory ops over {ops['facts']} facts: {counts}; invalid outputs (as NOOP) "
             f"{sum(ops['invalid'].values())}, bank refusals {sum(ops['refused'].values())}, "
-            f"{ops['manager_calls']} manager calls (invalid rate {rate})\n")
+            f"{ops['manager_calls']} manager calls (invalid rate {rate}){budget}; full bank: "
+            f"{ops.get('bank_full', 0)} ADDs refused, {ops.get('evicted', 0)} memories "
+            f"evicted; {ops.get('truncated', 0)} memory texts truncated\n")
 
 
 def _data_label(config, benchmark: str) -> str:
@@ -246,7 +257,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
         memories = process_zero_first(  # several hosts: process 0 builds, the rest load
             lambda: build_memories(config, workdir, selected, base, policy, embedder,
                                    generate_fn, log), "evaluate: memories built")
-    ops = memory_ops(memories) if memories else None
+    ops = memory_ops(memories, config) if memories else None
     window = policy.config.max_position_embeddings
     budget = config.full_context_tokens or (window - config.answer.max_new_tokens - 512)
     count = (lambda s: len(policy.tokenizer(s, add_special_tokens=False)["input_ids"]))

@@ -85,7 +85,7 @@ class PipelineConfig:
                                        # texts are truncated there, and counted)
     full_policy: str = "evict_lru"     # ADD on a full bank: "refuse" | "evict_lru" |
                                        # "evict_fifo" (mr1.memory.bank.FULL_POLICIES); counted
-    skip_tau: float = 0.9              # "skip_similar": NOOP when the nearest cosine >= this
+    skip_tau: float = 0.75             # "skip_similar": NOOP when the nearest cosine >= this
     retrieve_k: int = 10               # memories shown to the manager (Mem0: 10)
     manager_format: str = "json"       # manager reply, a key of prompts.MANAGER_FORMS: "json"
                                        # (paper) | "line" | "op" (one word) | "json_op"

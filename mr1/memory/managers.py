@@ -89,7 +89,7 @@ def merge_similar(view: FactView) -> ParsedOp:
 def skip_similar(view: FactView) -> ParsedOp:
     """NOOP for a near-duplicate (nearest cosine >= ``skip_tau``), else ADD."""
     near = nearest(view)
-    if near is not None and near[1] >= float(view.params.get("skip_tau", 0.9)):
+    if near is not None and near[1] >= float(view.params.get("skip_tau", 0.75)):
         return _noop()
     return _add(view)
 
