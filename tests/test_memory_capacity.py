@@ -244,3 +244,25 @@ def test_conv26_with_64_slots_reports_its_evictions(locomo_available, tmp_path):
     assert [int(np.asarray(s.bank.valid).sum()) for s in mem.speakers] == [64, 64]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["total"]["evicted"] == 56
+
+
+def test_a_memory_dir_of_another_budget_is_not_resumed(tmp_path):
+    """Issue 21's row: banks built with 2 slots / evict_lru, then a run asking 4 / refuse on
+    the same dir (as AnswerTask does, without manager.json) refuses instead of loading them;
+    the same budget resumes."""
+    built = PipelineConfig(num_slots=2, max_len=16, full_policy="evict_lru")
+    build_all(MemoryBuilder(built, HashEmbedder()), [_conv()], tmp_path, progress=False,
+              log=lambda s: None)
+    logs = []
+    again = build_all(MemoryBuilder(built, HashEmbedder()), [_conv()], tmp_path,
+                      progress=False, log=logs.append)
+    assert "c: done, loading" in logs and again["c"].budget == built.budget
+    for other, field in ((PipelineConfig(num_slots=4, max_len=16, full_policy="refuse"),
+                          "num_slots: 2 there, 4 now"),
+                         (PipelineConfig(num_slots=2, max_len=16, full_policy="refuse"),
+                          "full_policy: 'evict_lru' there, 'refuse' now"),
+                         (PipelineConfig(num_slots=2, max_len=16, full_policy="evict_lru",
+                                         max_sessions=3), "max_sessions: 0 there, 3 now")):
+        with pytest.raises(ValueError, match=field):
+            build_all(MemoryBuilder(other, HashEmbedder()), [_conv()], tmp_path,
+                      progress=False, log=lambda s: None)

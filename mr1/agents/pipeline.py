@@ -66,6 +66,7 @@ from mr1.memory.ops import (ParsedOp, ParseResult, op_choice_tokens, ops_to_acti
 # from here.
 from mr1.memory.store import (BANK_FIELDS, DONE, MANAGER_FILE, BuildStats,  # noqa: F401
                               ConversationMemory, SpeakerMemory, apply_ops, bank_identity,
+                              budget_mismatch,
                               claim_memory_dir, is_done, load_memory, new_speaker_memory,
                               save_memory, write_manifest)
 
@@ -113,6 +114,13 @@ class PipelineConfig:
         if self.manager_format not in P.MANAGER_FORMS:
             raise ValueError(f"manager_format must be one of {sorted(P.MANAGER_FORMS)}, "
                              f"got {self.manager_format!r}")
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        """The memory budget the banks are built under (saved with them and checked on
+        resume): slots per speaker, tokens per memory, full policy, session limit."""
+        return {"num_slots": self.num_slots, "max_len": self.max_len,
+                "full_policy": self.full_policy, "max_sessions": int(self.max_sessions or 0)}
 
     @classmethod
     def from_mapping(cls, m: Any) -> "PipelineConfig":
@@ -230,7 +238,8 @@ class MemoryBuilder:
         for conv in convs:
             mems = [new_speaker_memory(conv.speaker_a, 0, self.cfg, dim, pad),
                     new_speaker_memory(conv.speaker_b, 1, self.cfg, dim, pad)]
-            out.append(ConversationMemory(conv.sample_id, mems, BuildStats()))
+            out.append(ConversationMemory(conv.sample_id, mems, BuildStats(),
+                                          self.cfg.budget))
             schedules.append(self.sessions_of(conv))
             golds.append(frozenset(e.strip() for qa in conv.qas for e in qa.evidence)
                          if spec.reads_gold else frozenset())
@@ -372,12 +381,23 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
     built conversation's counts (ops, full-bank refusals, evictions, truncations) are logged,
     and ``directory/manifest.json`` sums them (:func:`mr1.memory.store.write_manifest`). With
     ``directory=None`` nothing is saved or resumed.
+
+    Raises:
+      ValueError: a finished conversation under ``directory`` was built under another budget
+        (slots, tokens per memory, full policy or session limit) than ``builder.cfg``'s.
     """
     out, todo = {}, []
     for conv in convs:
         if directory is not None and is_done(directory, conv.sample_id):
             log(f"{conv.sample_id}: done, loading")
-            out[conv.sample_id] = load_memory(directory, conv.sample_id)
+            mem = load_memory(directory, conv.sample_id)
+            diff = budget_mismatch(mem.budget, builder.cfg.budget)
+            if diff:
+                raise ValueError(
+                    f"{directory}/{conv.sample_id} holds banks built under another budget ("
+                    + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                    + "); pick another --config.memory.dir (or --workdir)")
+            out[conv.sample_id] = mem
         else:
             todo.append(conv)
     lockstep = builder.uses_llm

@@ -120,11 +120,13 @@ class BuildStats:
 
 @dataclasses.dataclass
 class ConversationMemory:
-    """The banks of one conversation (speaker_a first) and how they were built."""
+    """The banks of one conversation (speaker_a first), how they were built and under which
+    budget (``num_slots``, ``max_len``, ``full_policy``, ``max_sessions``; saved with them)."""
 
     sample_id: str
     speakers: list[SpeakerMemory]
     stats: BuildStats
+    budget: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def by_name(self, name: str) -> SpeakerMemory | None:
         return next((s for s in self.speakers if s.name == name), None)
@@ -183,7 +185,7 @@ def save_memory(mem: ConversationMemory, directory: str | os.PathLike) -> pathli
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    meta = {"sample_id": mem.sample_id, "stats": mem.stats.to_dict(),
+    meta = {"sample_id": mem.sample_id, "stats": mem.stats.to_dict(), "budget": mem.budget,
             "speakers": [{"name": s.name, "index": s.index, "texts": s.texts,
                           "timestamps": s.timestamps, "pad_id": s.bank.pad_id,
                           "full_policy": s.bank.full_policy} for s in mem.speakers]}
@@ -214,7 +216,18 @@ def load_memory(directory: str | os.PathLike, sample_id: str) -> ConversationMem
         fields = {f: jnp.asarray(arrays[f"{s['index']}/{f}"]) for f in BANK_FIELDS}
         bank = B.MemoryBank(**fields, pad_id=s["pad_id"], full_policy=s["full_policy"])
         speakers.append(SpeakerMemory(s["name"], s["index"], bank, s["texts"], s["timestamps"]))
-    return ConversationMemory(meta["sample_id"], speakers, BuildStats.from_dict(meta["stats"]))
+    budget = meta.get("budget") or {}
+    if speakers:   # banks saved before the budget was: what their tensors tell
+        b = speakers[0].bank
+        budget = {"num_slots": b.num_slots, "max_len": b.max_len,
+                  "full_policy": b.full_policy, **budget}
+    return ConversationMemory(meta["sample_id"], speakers, BuildStats.from_dict(meta["stats"]),
+                              budget)
+
+
+def budget_mismatch(found: Mapping[str, Any], want: Mapping[str, Any]) -> dict[str, tuple]:
+    """``field -> (found, wanted)`` for the budget fields both name and that differ."""
+    return {k: (found[k], want[k]) for k in want if k in found and found[k] != want[k]}
 
 
 # ----------------------------------------------------------------------------- identity
