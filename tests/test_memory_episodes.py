@@ -159,3 +159,40 @@ def test_deleting_a_needed_memory_scores_lower_than_noop():
     np.testing.assert_array_equal(
         episode_rewards(final.bank, np.zeros((0, dim)), [], [], str, answer_fn, f1, k=1),
         np.zeros(3))
+
+
+@pytest.mark.parametrize("policy", ["refuse", "evict_lru"])
+def test_a_window_replayed_from_the_snapshot_equals_the_pipeline_build(policy, locomo_available):
+    """conv-26 at 24 slots: the pipeline's bank after session 3 is the snapshot; ADDing the
+    window's facts (sessions 4-6) through env.step gives the pipeline's bank after session 6,
+    evictions / refusals included."""
+    from mr1.agents.pipeline import MemoryBuilder, PipelineConfig
+    from mr1.data.locomo import load_locomo, split_locomo
+    from mr1.memory.episodes import fact_actions, window_episode
+
+    conv = split_locomo(load_locomo()).train[0]
+    emb = HashEmbedder()
+
+    def build(n):
+        cfg = PipelineConfig(num_slots=24, max_len=48, full_policy=policy, max_sessions=n)
+        return MemoryBuilder(cfg, emb).build(conv)
+
+    snap, full = build(3), build(6)
+    ep = window_episode(conv, conv.speaker_a, 4, 6, lambda t: list(t.encode("utf-8")),
+                        emb.encode, max_len=48, max_facts=64, dim=emb.dim)
+    n = int(ep.num_facts)
+    assert n > 0 and snap.stats.facts < full.stats.facts
+    env = MemoryManagerEnv()
+    params = env.make_params(ep, snap.speakers[0].bank)
+    final, info = jax.jit(lambda p, a: rollout(env, p, a))(params, fact_actions(ep))
+    want = full.speakers[0].bank
+    for f in ("tokens", "lengths", "valid", "speaker", "created", "updated", "step"):
+        np.testing.assert_array_equal(getattr(final.bank, f), getattr(want, f), err_msg=f)
+    np.testing.assert_allclose(final.bank.embeddings, want.embeddings, atol=1e-6)
+    counts = jax.device_get(event_counts(info))
+    # n ADDs into a bank with `free` slots: n - free of them hit the full bank
+    free = 24 - int(np.asarray(snap.speakers[0].bank.valid).sum())
+    assert n > free, "the window must overflow the budget"
+    key = "evicted" if policy == "evict_lru" else "bank_full"
+    assert int(counts[key]) == n - free and int(counts["add"]) == (
+        n if policy == "evict_lru" else free)

@@ -68,7 +68,8 @@ def make_episode(fact_tokens: Sequence[Sequence[int]], embeddings, speaker: Sequ
 
     Facts beyond ``max_facts`` are dropped and tokens beyond ``max_len`` truncated.
     """
-    emb = np.asarray(embeddings, np.float32).reshape(len(fact_tokens), -1)
+    emb = np.asarray(embeddings, np.float32)
+    emb = emb.reshape(len(fact_tokens), emb.shape[-1])   # [n, D], n may be 0
     n = min(len(fact_tokens), max_facts)
     tokens = np.full((max_facts, max_len), pad_id, np.int32)
     lengths = np.zeros((max_facts,), np.int32)

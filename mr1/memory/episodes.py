@@ -14,6 +14,10 @@ inside a train step:
   ``[G, F]`` infos (equal to a Python loop over the samples, tested);
 * :func:`event_counts` -- per sample: applied ops by code, refusals, full-bank refusals,
   evictions, truncations (what the budget did);
+* :func:`window_episode` -- a speaker's facts of sessions ``start..end`` of a conversation as
+  an :class:`~mr1.memory.env.Episode` (the snapshot is the pipeline's bank after session
+  ``start - 1``: ``MemoryBuilder`` with ``max_sessions=start - 1``); :func:`fact_actions`
+  turns an episode's facts into actions of one op (ADD: the ``add_all`` sequence);
 * :func:`window_questions` -- the questions whose evidence lies at or before the window's last
   session (so deleting or overwriting a memory a later question needs costs reward);
 * :func:`episode_rewards` -- each sample's final bank answers those questions (top-``k``
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mr1.memory import bank as B
-from mr1.memory.env import EnvParams, EnvState, MemoryManagerEnv
+from mr1.memory.env import EnvParams, EnvState, Episode, MemoryManagerEnv, make_episode
 
 Array = jax.Array
 _TURN = re.compile(r"D(\d+):(\d+)")
@@ -125,3 +129,27 @@ def episode_rewards(banks: B.MemoryBank, question_embeddings, questions: Sequenc
             scores.append(float(score_fn(answer_fn(question, mems), gold)))
         out[i] = float(np.mean(scores))
     return out
+
+
+def window_episode(conv, speaker: str, start: int, end: int, tokenize: Callable[[str], Any],
+                   embed: Callable[[list[str]], np.ndarray], *, max_len: int, max_facts: int,
+                   dim: int, pad_id: int = 0) -> Episode:
+    """``speaker``'s observations of sessions ``start..end`` (1-based, inclusive) of ``conv``
+    in file order, padded to ``max_facts`` (``turn`` = the fact's session)."""
+    facts = [o for o in conv.observations
+             if o.speaker == speaker and start <= o.session_idx <= end and o.text.strip()]
+    emb = (np.asarray(embed([o.text for o in facts]), np.float32).reshape(len(facts), dim)
+           if facts else np.zeros((0, dim), np.float32))
+    return make_episode([list(tokenize(o.text)) for o in facts], emb,
+                        [0] * len(facts), [o.session_idx for o in facts],
+                        max_facts=max_facts, max_len=max_len, pad_id=pad_id)
+
+
+def fact_actions(episode: Episode, op: int = int(B.OpCode.ADD)) -> B.MemoryAction:
+    """Actions ``[F]`` applying ``op`` with each fact's text and embedding (ADD: store every
+    fact, the ``add_all`` manager; padding steps are ignored by the env)."""
+    f = episode.tokens.shape[0]
+    return B.MemoryAction(op=jnp.full((f,), op, jnp.int32), target=jnp.full((f,), -1, jnp.int32),
+                          tokens=episode.tokens, length=episode.lengths,
+                          embedding=episode.embeddings, speaker=episode.speaker)
+
