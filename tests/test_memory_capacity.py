@@ -103,7 +103,10 @@ def test_a_full_bank_counts_every_refusal_eviction_and_truncation(policy, bank_f
     """Ann's 5 facts into 2 slots: 3 refused or 3 evicted, per policy; the long fact
     (31 bytes > 16) is truncated once; the counts reach the saved stats, the manifest, the
     build log and evaluate's memory_ops."""
-    from experiments.evaluate import _ops_note, memory_ops
+    from tests.test_evaluate import _module   # loads the script once (its absl flags)
+
+    ev = _module("evaluate")
+    memory_ops, _ops_note = ev.memory_ops, ev._ops_note
 
     cfg = PipelineConfig(num_slots=2, max_len=16, full_policy=policy)
     lines = []
