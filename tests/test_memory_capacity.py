@@ -284,3 +284,15 @@ def test_compare_prints_the_budget_of_runs_with_banks(tmp_path):
     assert len(lines) == 3   # header, rule, the one run with banks
     assert lines[2] == "| skip | skip_similar | 32 | refuse | 64 | 0 | 0 | 3 | 203 | 0 | 1 | 2 |"
     assert capacity_table(runs[1:]) == ""
+
+
+def test_add_all_banks_are_the_same_under_lru_and_fifo():
+    """With ADDs only, every memory's last update is its creation: LRU and FIFO evict the
+    same memories (why the capacity table runs one of them for add_all)."""
+    conv = _conv(n_ann=7, n_bob=4, long_ann=0)
+    mems = [MemoryBuilder(PipelineConfig(num_slots=3, max_len=16, full_policy=p),
+                          HashEmbedder()).build(conv) for p in ("evict_lru", "evict_fifo")]
+    assert mems[0].stats.evicted == mems[1].stats.evicted == (7 - 3) + (4 - 3)
+    for a, b in zip(*[m.speakers for m in mems]):
+        assert a.items() == b.items()
+        np.testing.assert_array_equal(a.bank.tokens, b.bank.tokens)

@@ -117,7 +117,7 @@ def capacity_table(runs: Sequence[Run]) -> str:
         return ""
     head = ["run", "manager", "slots", "full policy", "ADD", "UPDATE", "DELETE", "NOOP",
             "refused (full)", "evicted", "truncated", "invalid outputs"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|" + "---:|" * (len(head) - 4)]
     for r in rows:
         m = r.results["memory_ops"]
         ops = m.get("ops", {})
