@@ -32,16 +32,19 @@ with its own workdir, e.g. the RL/RL cell::
         --config.memory.manager=llm --config.memory.manager_checkpoint=runs/grpo_memory/best \
         --config.checkpoint=runs/grpo_answer/best --workdir=runs/eval_rl_rl
 
-The memory dir records who built its banks (``manager.json``: manager mode, manager checkpoint,
-model, facts); resuming it with another manager raises ValueError (pick another
+The memory dir records who built its banks under which budget (``manager.json``: manager
+mode, manager checkpoint, model, facts, ``num_slots``, ``full_policy``, ``max_len``,
+``max_sessions``); resuming it with another identity raises ValueError (pick another
 ``--config.memory.dir`` or workdir). Banks are shared across answer checkpoints by pointing
 ``--config.memory.dir`` at one dir.
 Writes ``predictions.jsonl`` (question, gold, prediction, category, f1, bleu1, em, f1_locomo, j,
 answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` (with
 ``memory_ops``: the manager's ADD/UPDATE/DELETE/NOOP, invalid outputs and bank refusals summed
-over the evaluated conversations) under the workdir. J comes from mr1.eval.judge when
-``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set, else it is "not computed" (n/a in the
-table).
+over the evaluated conversations, plus the budget's events -- ``bank_full`` ADDs refused,
+memories ``evicted``, texts ``truncated`` -- and the budget itself) under the workdir; the
+memory dir's ``manifest.json`` holds the same counts per conversation. J comes from
+mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set, else it is "not
+computed" (n/a in the table).
 
 Answering is resumable: each answered conversation's rows go to
 ``<workdir>/answers/<conv_id>.jsonl`` (beside ``config.json``, the run's config), so a run
