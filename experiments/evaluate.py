@@ -42,7 +42,9 @@ answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` 
 ``memory_ops``: the manager's ADD/UPDATE/DELETE/NOOP, invalid outputs and bank refusals summed
 over the evaluated conversations, plus the budget's events -- ``bank_full`` ADDs refused,
 memories ``evicted``, texts ``truncated`` -- and the budget itself) under the workdir; the
-memory dir's ``manifest.json`` holds the same counts per conversation. J comes from
+memory dir's ``manifest.json`` holds the same counts per conversation. With observations as
+facts, ``evidence_coverage`` counts the questions with a fact of one of their evidence turns
+in the banks (what the budget kept, whatever the Answer Agent makes of it). J comes from
 mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set, else it is "not
 computed" (n/a in the table).
 
@@ -78,7 +80,7 @@ from mr1.agents.pipeline import (
     manager_identity,
     select_conversations,
 )
-from mr1.memory.store import sum_stats
+from mr1.memory.store import evidence_coverage, sum_stats
 from mr1.data.longmemeval import is_abstention
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
@@ -261,6 +263,10 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
             lambda: build_memories(config, workdir, selected, base, policy, embedder,
                                    generate_fn, log), "evaluate: memories built")
     ops = memory_ops(memories, config) if memories else None
+    coverage = None
+    if memories and any(c.observations for c, _ in selected):
+        pairs = [evidence_coverage(memories[c.sample_id], c.observations, q) for c, q in selected]
+        coverage = {"covered": sum(a for a, _ in pairs), "questions": sum(n for _, n in pairs)}
     window = policy.config.max_position_embeddings
     budget = config.full_context_tokens or (window - config.answer.max_new_tokens - 512)
     count = (lambda s: len(policy.tokenizer(s, add_special_tokens=False)["input_ids"]))
@@ -324,6 +330,8 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
              f"{missing}/{len(rows)}; "
              f"J: {'judge' if judge else 'not computed (no judge configured)'}; "
              f"wall time {wall:.1f} s\n") + (_ops_note(ops) if ops else "") + (
+        f"questions with an evidence fact in the banks: {coverage['covered']}/"
+        f"{coverage['questions']}\n" if coverage else "") + (
         _abstention_note(abstention) if abstention else "")
     paths = {"jsonl": workdir / "predictions.jsonl", "markdown": workdir / "results.md",
              "json": workdir / "results.json"}
@@ -342,6 +350,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
          "checkpoint": config.get("checkpoint", ""),
          "manager_checkpoint": config.memory.get("manager_checkpoint", ""),
          "split": config.split if benchmark == "locomo" else None, "memory_ops": ops,
+         "evidence_coverage": coverage,
          "distill": distill if config.method == "memory" else None,
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,

@@ -296,3 +296,21 @@ def test_add_all_banks_are_the_same_under_lru_and_fifo():
     for a, b in zip(*[m.speakers for m in mems]):
         assert a.items() == b.items()
         np.testing.assert_array_equal(a.bank.tokens, b.bank.tokens)
+
+
+def test_evidence_coverage_counts_questions_whose_evidence_fact_is_held():
+    from mr1.memory.store import evidence_coverage
+
+    conv = _conv(long_ann=0)
+    qas = [QA("q1", "a", ("D2:1",), 4, "c"), QA("q2", "a", ("D5:1", "D9:9"), 4, "c"),
+           QA("q3", "a", ("D1:2",), 4, "c"), QA("q4", "a", (), 4, "c")]
+    # refuse at 2 slots keeps Ann's facts 1-2 and Bob's 1-2: q1 (D2:1) and q3 (D1:2)
+    mem = _view_build("add_all", num_slots=2, full_policy="refuse")
+    assert evidence_coverage(mem, conv.observations, qas) == (2, 4)
+    # LRU keeps Ann's 4-5: q2 (D5:1) instead of q1
+    mem = _view_build("add_all", num_slots=2, full_policy="evict_lru")
+    assert evidence_coverage(mem, conv.observations, qas) == (2, 4)
+    assert [t for _, t, _ in mem.by_name("Ann").items()] == ["Ann fact 5", "Ann fact 4"]
+    # merging loses nothing: every fact's turn is held
+    mem = _view_build("merge_similar", num_slots=2, full_policy="refuse")
+    assert evidence_coverage(mem, conv.observations, qas) == (3, 4)

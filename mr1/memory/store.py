@@ -309,3 +309,20 @@ def sum_stats(stats: Sequence[BuildStats]) -> BuildStats:
         total.evicted += s.evicted
         total.truncated += s.truncated
     return total
+
+
+def evidence_coverage(memory: ConversationMemory, observations: Sequence[Any],
+                      qas: Sequence[Any]) -> tuple[int, int]:
+    """``(covered, n)``: how many of the ``n`` questions ``qas`` (with ``.evidence``) have a
+    fact of one of their evidence turns in ``memory``'s banks -- what a budget kept of what the
+    questions need, whatever the Answer Agent makes of it. Facts are ``observations`` (with
+    ``.text`` and ``.evidence``); a fact counts when its text is part of a valid memory (so a
+    fact merged into another memory counts too).
+    """
+    held = [t for s in memory.speakers for _, t, _ in s.items()]
+    kept_turns = set()
+    for o in observations:
+        if o.text.strip() and any(o.text in t for t in held):
+            kept_turns.update(e.strip() for e in o.evidence)
+    covered = sum(any(e.strip() in kept_turns for e in qa.evidence) for qa in qas)
+    return covered, len(qas)
