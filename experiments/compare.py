@@ -6,7 +6,8 @@
 Each argument is ``NAME=WORKDIR`` (a workdir holding ``results.json`` and
 ``predictions.jsonl``); every run must have answered the same questions. ``--out=DIR`` also
 writes ``DIR/compare.md``, ``DIR/compare.json`` and ``DIR/compare.png`` (F1 per category).
-``--ops_png=PATH`` draws the Memory Manager op distributions (ADD / UPDATE / DELETE / NOOP /
+Runs that built memory banks also get a table of their budget (slots per speaker, full
+policy, ops, ADDs refused by a full bank, evictions, truncations). ``--ops_png=PATH`` draws the Memory Manager op distributions (ADD / UPDATE / DELETE / NOOP /
 invalid) of the runs that built their banks with a manager as grouped bars, e.g.
 
     python experiments/compare.py prompted=runs/abl/prompted RL=runs/abl/rl \
@@ -34,8 +35,8 @@ _OPS_PNG = flags.DEFINE_string("ops_png", "", "also draw the op distributions of
 
 
 def main(argv) -> None:
-    from mr1.eval.compare import (compare_table, load_run, parse_run_args, plot_comparison,
-                                  summary_json)
+    from mr1.eval.compare import (capacity_table, compare_table, load_run, parse_run_args,
+                                  plot_comparison, summary_json)
 
     if len(argv) < 2:
         raise app.UsageError("give one or more NAME=WORKDIR runs")
@@ -44,6 +45,8 @@ def main(argv) -> None:
         table = compare_table(runs, _BASE.value or None)
     except (FileNotFoundError, ValueError) as e:
         raise app.UsageError(str(e)) from e
+    capacity = capacity_table(runs)   # the memory budget's events, for runs with banks
+    table += ("\n" + capacity) if capacity else ""
     print(table, end="")
     if _OUT.value:
         out = pathlib.Path(_OUT.value)

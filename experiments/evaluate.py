@@ -32,16 +32,21 @@ with its own workdir, e.g. the RL/RL cell::
         --config.memory.manager=llm --config.memory.manager_checkpoint=runs/grpo_memory/best \
         --config.checkpoint=runs/grpo_answer/best --workdir=runs/eval_rl_rl
 
-The memory dir records who built its banks (``manager.json``: manager mode, manager checkpoint,
-model, facts); resuming it with another manager raises ValueError (pick another
+The memory dir records who built its banks under which budget (``manager.json``: manager
+mode, manager checkpoint, model, facts, ``num_slots``, ``full_policy``, ``max_len``,
+``max_sessions``); resuming it with another identity raises ValueError (pick another
 ``--config.memory.dir`` or workdir). Banks are shared across answer checkpoints by pointing
 ``--config.memory.dir`` at one dir.
 Writes ``predictions.jsonl`` (question, gold, prediction, category, f1, bleu1, em, f1_locomo, j,
 answer_line_missing, num_invalid_ops, ...), ``results.md`` and ``results.json`` (with
 ``memory_ops``: the manager's ADD/UPDATE/DELETE/NOOP, invalid outputs and bank refusals summed
-over the evaluated conversations) under the workdir. J comes from mr1.eval.judge when
-``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set, else it is "not computed" (n/a in the
-table).
+over the evaluated conversations, plus the budget's events -- ``bank_full`` ADDs refused,
+memories ``evicted``, texts ``truncated`` -- and the budget itself) under the workdir; the
+memory dir's ``manifest.json`` holds the same counts per conversation. With observations as
+facts, ``evidence_coverage`` counts the questions with a fact of one of their evidence turns
+in the banks (what the budget kept, whatever the Answer Agent makes of it). J comes from
+mr1.eval.judge when ``MR1_JUDGE_BASE_URL``/``MR1_JUDGE_MODEL`` are set, else it is "not
+computed" (n/a in the table).
 
 Answering is resumable: each answered conversation's rows go to
 ``<workdir>/answers/<conv_id>.jsonl`` (beside ``config.json``, the run's config), so a run
@@ -58,7 +63,6 @@ output is written to a temporary file and renamed into place (:mod:`mr1.fileio`)
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import pathlib
@@ -81,6 +85,7 @@ from mr1.agents.pipeline import (
     select_conversations,
 )
 from mr1 import run_identity as RI
+from mr1.memory.store import evidence_coverage, sum_stats
 from mr1.data.longmemeval import is_abstention
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
@@ -145,16 +150,23 @@ def build_memories(config, workdir, selected, base, answer_policy, embedder, gen
                      log=log)
 
 
-def memory_ops(memories) -> dict:
+def memory_ops(memories, config=None) -> dict:
     """The build statistics of ``memories`` summed: ops, invalid (by reason), refused (by
-    reason), facts, manager calls and the invalid rate ((invalid + refused) / manager calls)."""
-    stats = [m.stats for m in memories.values()]
-    total = {k: sum((getattr(s, k) for s in stats), collections.Counter())
-             for k in ("ops", "invalid", "refused")}
-    calls = sum(s.manager_calls for s in stats)
-    bad = sum(total["invalid"].values()) + sum(total["refused"].values())
-    return {**{k: dict(v) for k, v in total.items()}, "facts": sum(s.facts for s in stats),
-            "manager_calls": calls, "invalid_rate": bad / calls if calls else None}
+    reason), facts, manager calls, the invalid rate ((invalid + refused) / manager calls) and
+    the budget's events: ``bank_full`` (ADDs refused by a full bank), ``evicted`` (memories
+    an ADD into a full bank overwrote), ``truncated`` (texts cut to ``max_len`` tokens); with
+    ``config``, the budget itself (``num_slots``, ``full_policy``, ``max_len``)."""
+    total = sum_stats([m.stats for m in memories.values()])
+    calls = total.manager_calls
+    bad = sum(total.invalid.values()) + sum(total.refused.values())
+    out = {"ops": dict(total.ops), "invalid": dict(total.invalid),
+           "refused": dict(total.refused), "facts": total.facts, "manager_calls": calls,
+           "invalid_rate": bad / calls if calls else None, **total.capacity}
+    if config is not None:
+        cfg = PipelineConfig.from_mapping(config.memory)
+        out.update(manager=cfg.manager, num_slots=cfg.num_slots, full_policy=cfg.full_policy,
+                   max_len=cfg.max_len)
+    return out
 
 
 def _ops_note(ops: dict) -> str:
@@ -162,9 +174,13 @@ def _ops_note(ops: dict) -> str:
     counts = ", ".join(f"{op} {ops['ops'].get(op, 0)}" for op in ("ADD", "UPDATE", "DELETE",
                                                                    "NOOP"))
     rate = "n/a" if ops["invalid_rate"] is None else f"{ops['invalid_rate']:.3f}"
+    budget = (f"; budget {ops['num_slots']} slots per speaker, {ops['full_policy']}"
+              if "num_slots" in ops else "")
     return (f"memory ops over {ops['facts']} facts: {counts}; invalid outputs (as NOOP) "
             f"{sum(ops['invalid'].values())}, bank refusals {sum(ops['refused'].values())}, "
-            f"{ops['manager_calls']} manager calls (invalid rate {rate})\n")
+            f"{ops['manager_calls']} manager calls (invalid rate {rate}){budget}; full bank: "
+            f"{ops.get('bank_full', 0)} ADDs refused, {ops.get('evicted', 0)} memories "
+            f"evicted; {ops.get('truncated', 0)} memory texts truncated\n")
 
 
 def _data_label(config, benchmark: str) -> str:
@@ -255,7 +271,11 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
         memories = process_zero_first(  # several hosts: process 0 builds, the rest load
             lambda: build_memories(config, workdir, selected, base, policy, embedder,
                                    generate_fn, log), "evaluate: memories built")
-    ops = memory_ops(memories) if memories else None
+    ops = memory_ops(memories, config) if memories else None
+    coverage = None
+    if memories and any(c.observations for c, _ in selected):
+        pairs = [evidence_coverage(memories[c.sample_id], c.observations, q) for c, q in selected]
+        coverage = {"covered": sum(a for a, _ in pairs), "questions": sum(n for _, n in pairs)}
     window = policy.config.max_position_embeddings
     budget = config.full_context_tokens or (window - config.answer.max_new_tokens - 512)
     count = (lambda s: len(policy.tokenizer(s, add_special_tokens=False)["input_ids"]))
@@ -319,6 +339,8 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
              f"{missing}/{len(rows)}; "
              f"J: {'judge' if judge else 'not computed (no judge configured)'}; "
              f"wall time {wall:.1f} s\n") + (_ops_note(ops) if ops else "") + (
+        f"questions with an evidence fact in the banks: {coverage['covered']}/"
+        f"{coverage['questions']}\n" if coverage else "") + (
         _abstention_note(abstention) if abstention else "")
     paths = {"jsonl": workdir / "predictions.jsonl", "markdown": workdir / "results.md",
              "json": workdir / "results.json"}
@@ -335,6 +357,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
          "checkpoint": config.get("checkpoint", ""),
          "manager_checkpoint": config.memory.get("manager_checkpoint", ""),
          "split": config.split if benchmark == "locomo" else None, "memory_ops": ops,
+         "evidence_coverage": coverage,
          "distill": distill if config.method == "memory" else None,
          "num_questions": len(rows), "answer_line_missing": missing,
          "j_computed": judge is not None, "wall_s": wall,

@@ -62,7 +62,8 @@ class RefBank:
                 if free:
                     slot = free[0]
                 else:
-                    field = {"evict_lru": "updated", "evict_oldest": "created"}[self.policy]
+                    field = {"evict_lru": "updated", "evict_oldest": "created",
+                             "evict_fifo": "created"}[self.policy]
                     keys = [getattr(s, field) for s in self.slots]
                     slot = keys.index(min(keys))
                     out["evicted"] = slot

@@ -109,8 +109,12 @@ def test_manager_and_answer_checkpoints_go_to_their_component(
     assert saved["manager_checkpoint"] == checkpoints[manager_ckpt]
     assert saved["checkpoint"] == checkpoints[answer_ckpt]
     manager = json.loads((tmp_path / "memory" / "manager.json").read_text())
+    budget = {k: manager.pop(k) for k in ("num_slots", "full_policy", "max_len", "max_sessions")}
     assert manager == {"manager": "llm", "manager_checkpoint": checkpoints[manager_ckpt],
                        "model": config.model, "facts": "observations"}
+    assert budget == {"num_slots": config.memory.num_slots, "max_len": config.memory.max_len,
+                      "full_policy": config.memory.full_policy,
+                      "max_sessions": config.memory.max_sessions}
 
 
 def test_memory_dir_of_another_manager_is_refused(tmp_path, locomo_available, tiny_policy,

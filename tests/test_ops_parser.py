@@ -218,7 +218,8 @@ def test_ops_to_actions_builds_bank_actions_and_applies():
     a = ops_to_actions(r, tokenize, max_len=4, dim=4, num_ops=4, embed=embed, speaker=1, pad_id=0,
                        id_to_slot={0: 2, 1: 3})
     assert a.op.tolist() == [OpCode.ADD, OpCode.UPDATE, OpCode.NOOP, OpCode.NOOP]
-    assert a.target.tolist() == [-1, 2, -1, -1] and a.length.tolist() == [4, 2, 0, 0]
+    # length keeps the untruncated count (8 > max_len 4): the bank reports the truncation
+    assert a.target.tolist() == [-1, 2, -1, -1] and a.length.tolist() == [8, 2, 0, 0]
     assert a.tokens[0].tolist() == tokenize("abcd") and a.tokens[1].tolist()[2:] == [0, 0]
     np.testing.assert_array_equal(a.embedding[1], [0, 0, 1, 0])
     bank = mb.empty_bank(4, 4, 4)
@@ -230,7 +231,8 @@ def test_ops_to_actions_builds_bank_actions_and_applies():
                                                    max_len=4, dim=4))
     bank, res = jax.jit(mb.apply_actions)(bank, a)
     assert res.applied.tolist() == [True, True, False, False]
-    assert res.slot.tolist() == [3, 2, -1, -1]
+    assert res.truncated.tolist() == [True, False, False, False]
+    assert res.slot.tolist() == [3, 2, -1, -1] and int(bank.lengths[3]) == 4
     assert bank.tokens[2].tolist() == tokenize("zz") + [0, 0] and int(bank.speaker[3]) == 1
 
 
@@ -240,6 +242,8 @@ def test_fuzz_ops_to_actions_shapes(text):
     r = parse_ops(text, VALID_IDS)
     a = ops_to_actions(r, lambda s: [len(s)] * len(s), max_len=3, dim=2, num_ops=2)
     assert a.op.shape == (2,) and a.tokens.shape == (2, 3) and a.embedding.shape == (2, 2)
-    assert ((a.length >= 0) & (a.length <= 3)).all()
+    assert (a.length >= 0).all()   # untruncated counts; only the tokens are cut to max_len
+    texts = [o.text if o.valid and o.op in (OpCode.ADD, OpCode.UPDATE) else "" for o in r.ops[:2]]
+    assert a.length.tolist()[: len(texts)] == [len(t) for t in texts]
     kept = r.ops[:2]
     assert [int(x) for x in a.op[: len(kept)]] == [int(o.op) for o in kept]

@@ -33,11 +33,16 @@ def get_config():
     c.memory = ml_collections.ConfigDict()
     c.memory.dir = ""                   # where banks are saved/resumed ("" = <workdir>/memory)
     c.memory.facts = "observations"     # "observations" (LoCoMo's) | "llm" (extracted)
-    c.memory.manager = "add_all"        # "add_all" baseline | "llm" prompted Memory Manager
+    c.memory.manager = "add_all"        # "add_all" baseline | "llm" prompted Memory Manager |
+                                        # rule baselines "merge_similar" | "skip_similar" |
+                                        # "oracle" (mr1.memory.managers.MANAGERS)
     c.memory.manager_checkpoint = ""    # RL Memory Manager run: <workdir>/best ("" = c.model)
-    c.memory.num_slots = 512            # bank slots per speaker
-    c.memory.max_len = 64               # tokens per memory kept in the bank tensors
-    c.memory.full_policy = "evict_lru"  # ADD on a full bank: refuse | evict_lru | evict_oldest
+    c.memory.num_slots = 512            # bank slots per speaker (the memory budget)
+    c.memory.max_len = 64               # tokens per memory kept in the bank tensors (longer
+                                        # texts are truncated there and counted)
+    c.memory.full_policy = "evict_lru"  # ADD on a full bank: refuse | evict_lru | evict_fifo;
+                                        # refusals/evictions counted in results and manifest
+    c.memory.skip_tau = 0.75            # "skip_similar": NOOP when the nearest cosine >= this
     c.memory.retrieve_k = 10            # memories shown to the manager per fact (Mem0: 10)
     c.memory.manager_format = "json"    # manager reply: "json" (paper) | "line" (one op line)
     c.memory.manager_max_new_tokens = 96  # manager reply budget

@@ -6,13 +6,19 @@ Per session (the unit of batching):
    call; the default on CPU); ``"llm"``: the policy extracts facts from every turn of the
    session in ONE batched ``generate`` call (:data:`~mr1.agents.prompts.FACT_EXTRACTION`);
 2. **embed** all the session's facts in one ``Embedder.encode`` call;
-3. **manager** -- ``"add_all"``: every fact is ADDed (the trivial baseline); ``"llm"``: for each
+3. **manager** -- ``memory.manager`` names an entry of :data:`mr1.memory.managers.MANAGERS`. A
+   rule (``"add_all"``: every fact is ADDed, the trivial baseline; ``"merge_similar"``,
+   ``"skip_similar"``, ``"oracle"``) decides each fact's op on the bank as it is, applied
+   before the next fact. ``"llm"``: for each
    fact the top-``retrieve_k`` memories of that speaker's bank are retrieved and the Memory
    Manager prompt is built; all prompts of the session go through ONE ``generate`` call and
    each output is parsed with :func:`mr1.memory.ops.parse_ops` (ids shown are display ids
    ``0..k-1``, mapped back to slots);
 4. **apply** the ops, in fact order, to the speaker's :class:`~mr1.memory.bank.MemoryBank`
-   with the jitted :func:`~mr1.memory.bank.apply_action`.
+   through the environment's one transition (:func:`mr1.memory.store.apply_ops`, which uses
+   :func:`mr1.memory.env.transition`). The bank has ``num_slots`` slots per speaker: an ADD
+   into a full bank is refused or evicts a memory per ``full_policy``, and every refusal,
+   eviction and truncation of a text longer than ``max_len`` tokens is counted.
 
 Batching a session's manager calls means the memories shown for a fact are those of the bank
 at the *start* of the session (facts of the same session do not see each other); an op whose
@@ -32,19 +38,17 @@ date in ``timestamps[slot]``), updated from each op's :class:`~mr1.memory.bank.O
 for jitted rollouts. Tokens come from the policy tokenizer when there is one, else UTF-8
 bytes (which fit the 256-token vocabulary of the ``tiny`` model).
 
-Invalid manager outputs (parser reasons) and bank refusals are counted by reason in
-:class:`BuildStats`; nothing raises on a bad model output.
+Invalid manager outputs (parser reasons), bank refusals (by reason), evictions and
+truncations are counted in :class:`~mr1.memory.store.BuildStats`; nothing raises on a bad
+model output. The host-side banks and memory dirs (save / load / identity / manifest) live in
+:mod:`mr1.memory.store`; their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import os
-import pathlib
 import re
-import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -55,13 +59,20 @@ from tqdm import tqdm
 from mr1.agents import prompts as P
 from mr1.data.records import Conversation
 from mr1.memory import bank as B
+from mr1.memory.managers import MANAGERS, FactView, manager_spec
+from mr1.run_identity import RunIdentityError
 from mr1.memory.ops import (ParsedOp, ParseResult, op_choice_tokens, ops_to_actions,
                             parse_op_choice, parse_ops)
+# The host-side banks and memory dirs live in mr1.memory.store; their names stay importable
+# from here.
+from mr1.memory.store import (BANK_FIELDS, DONE, MANAGER_FILE, BuildStats,  # noqa: F401
+                              ConversationMemory, SpeakerMemory, apply_ops, bank_identity,
+                              budget_mismatch,
+                              claim_memory_dir, is_done, load_memory, new_speaker_memory,
+                              save_memory, write_manifest)
 
 FACT_MODES = ("observations", "llm")
-MANAGER_MODES = ("add_all", "llm")
-BANK_FIELDS = ("tokens", "lengths", "valid", "embeddings", "speaker", "created", "updated",
-               "step")
+MANAGER_MODES = tuple(MANAGERS)   # "add_all" | "llm" | the rule baselines (mr1.memory.managers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +80,14 @@ class PipelineConfig:
     """Memory construction settings (see the module docstring)."""
 
     facts: str = "observations"        # "observations" | "llm"
-    manager: str = "add_all"           # "add_all" | "llm"
-    num_slots: int = 512               # bank slots per speaker
-    max_len: int = 64                  # tokens kept per memory in the bank tensors
-    full_policy: str = "evict_lru"     # what ADD does on a full bank (mr1.memory.bank)
+    manager: str = "add_all"           # a key of mr1.memory.managers.MANAGERS: "add_all" |
+                                       # "llm" | "merge_similar" | "skip_similar" | "oracle"
+    num_slots: int = 512               # bank slots per speaker (the memory budget)
+    max_len: int = 64                  # tokens kept per memory in the bank tensors (longer
+                                       # texts are truncated there, and counted)
+    full_policy: str = "evict_lru"     # ADD on a full bank: "refuse" | "evict_lru" |
+                                       # "evict_fifo" (mr1.memory.bank.FULL_POLICIES); counted
+    skip_tau: float = 0.75             # "skip_similar": NOOP when the nearest cosine >= this
     retrieve_k: int = 10               # memories shown to the manager (Mem0: 10)
     manager_format: str = "json"       # manager reply, a key of prompts.MANAGER_FORMS: "json"
                                        # (paper) | "line" | "op" (one word) | "json_op"
@@ -91,70 +106,28 @@ class PipelineConfig:
         if self.conversations_per_batch < 1:
             raise ValueError("conversations_per_batch must be >= 1, got "
                              f"{self.conversations_per_batch}")
+        if self.full_policy not in B.FULL_POLICIES:
+            raise ValueError(f"full_policy must be one of {sorted(B.FULL_POLICIES)}, "
+                             f"got {self.full_policy!r}")
+        if self.num_slots < 1 or self.max_len < 1:
+            raise ValueError(f"num_slots and max_len must be >= 1, got {self.num_slots}, "
+                             f"{self.max_len}")
         if self.manager_format not in P.MANAGER_FORMS:
             raise ValueError(f"manager_format must be one of {sorted(P.MANAGER_FORMS)}, "
                              f"got {self.manager_format!r}")
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        """The memory budget the banks are built under (saved with them and checked on
+        resume): slots per speaker, tokens per memory, full policy, session limit."""
+        return {"num_slots": self.num_slots, "max_len": self.max_len,
+                "full_policy": self.full_policy, "max_sessions": int(self.max_sessions or 0)}
 
     @classmethod
     def from_mapping(cls, m: Any) -> "PipelineConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         items = dict(m.items()) if hasattr(m, "items") else dict(m)
         return cls(**{k: v for k, v in items.items() if k in names})
-
-
-@dataclasses.dataclass
-class SpeakerMemory:
-    """One speaker's bank plus the host-side full texts and timestamps indexed by slot."""
-
-    name: str
-    index: int
-    bank: B.MemoryBank
-    texts: list[str | None]
-    timestamps: list[str]
-
-    def items(self) -> list[tuple[int, str, str]]:
-        """``(slot, text, timestamp)`` of every valid memory, by slot."""
-        valid = np.asarray(self.bank.valid)
-        return [(i, self.texts[i] or "", self.timestamps[i]) for i in np.flatnonzero(valid)]
-
-
-@dataclasses.dataclass
-class BuildStats:
-    facts: int = 0
-    manager_calls: int = 0
-    ops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    invalid: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    refused: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    skipped_facts: int = 0
-
-    @property
-    def num_invalid(self) -> int:
-        return sum(self.invalid.values()) + sum(self.refused.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"facts": self.facts, "manager_calls": self.manager_calls, "ops": dict(self.ops),
-                "invalid": dict(self.invalid), "refused": dict(self.refused),
-                "skipped_facts": self.skipped_facts, "num_invalid": self.num_invalid}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BuildStats":
-        return cls(facts=d.get("facts", 0), manager_calls=d.get("manager_calls", 0),
-                   ops=collections.Counter(d.get("ops", {})),
-                   invalid=collections.Counter(d.get("invalid", {})),
-                   refused=collections.Counter(d.get("refused", {})),
-                   skipped_facts=d.get("skipped_facts", 0))
-
-
-@dataclasses.dataclass
-class ConversationMemory:
-    """The banks of one conversation (speaker_a first) and how they were built."""
-
-    sample_id: str
-    speakers: list[SpeakerMemory]
-    stats: BuildStats
-
-    def by_name(self, name: str) -> SpeakerMemory | None:
-        return next((s for s in self.speakers if s.name == name), None)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -167,46 +140,7 @@ def make_tokenize(policy) -> Callable[[str], list[int]]:
     return lambda s: list(tok(s, add_special_tokens=False)["input_ids"])
 
 
-def new_speaker_memory(name: str, index: int, cfg: PipelineConfig, dim: int,
-                       pad_id: int = 0) -> SpeakerMemory:
-    bank = B.empty_bank(cfg.num_slots, cfg.max_len, dim, pad_id=pad_id,
-                        full_policy=cfg.full_policy)
-    return SpeakerMemory(name, index, bank, [None] * cfg.num_slots, [""] * cfg.num_slots)
-
-
-_apply = jax.jit(B.apply_action)
 _retrieve_many = jax.jit(B.retrieve_many, static_argnums=2)
-
-
-def apply_ops(mem: SpeakerMemory, actions: B.MemoryAction, texts: Sequence[str],
-              timestamp: str, stats: BuildStats) -> list[B.OpResult]:
-    """Applies batched ``actions [N]`` in order; keeps ``mem.texts`` in step with the bank.
-
-    ``texts[i]`` is the text written by action ``i`` (ignored unless it is an ADD/UPDATE).
-    Refusals are counted in ``stats.refused`` by :class:`~mr1.memory.bank.Refusal` name.
-    """
-    results = []
-    n = int(np.asarray(actions.op).shape[0])
-    for i in range(n):
-        act = jax.tree.map(lambda x: jnp.asarray(x[i]), actions)
-        mem.bank, res = _apply(mem.bank, act)
-        res = jax.device_get(res)
-        op = B.OpCode(int(act.op)) if 0 <= int(act.op) < len(B.OpCode) else None
-        if bool(res.refused):
-            stats.refused[B.Refusal(int(res.reason)).name.lower()] += 1
-        elif bool(res.applied) and op is not None:
-            stats.ops[op.name] += 1
-            slot = int(res.slot)
-            if op in (B.OpCode.ADD, B.OpCode.UPDATE):
-                mem.texts[slot] = texts[i]
-                mem.timestamps[slot] = timestamp
-            elif op == B.OpCode.DELETE:
-                mem.texts[slot] = None
-                mem.timestamps[slot] = ""
-        elif op == B.OpCode.NOOP:
-            stats.ops["NOOP"] += 1
-        results.append(res)
-    return results
 
 
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
@@ -258,19 +192,19 @@ class MemoryBuilder:
     # -- facts
     def session_facts(self, conv: Conversation, session) -> list[tuple[str, str]]:
         """``(speaker, fact)`` pairs of one session."""
-        return self._facts_many([(conv, session)])[0]
+        return [(s, f) for s, f, _ in self._facts_many([(conv, session)])[0]]
 
-    def _facts_many(self, pairs) -> list[list[tuple[str, str]]]:
-        """``(speaker, fact)`` pairs of each ``(conversation, session)``; LLM extraction of all
-        their turns goes through one batched generate."""
+    def _facts_many(self, pairs) -> list[list[tuple[str, str, tuple[str, ...]]]]:
+        """``(speaker, fact, evidence turn ids)`` of each ``(conversation, session)``; LLM
+        extraction of all their turns goes through one batched generate."""
         if self.cfg.facts == "observations":
-            return [[(o.speaker, o.text) for o in conv.observations
+            return [[(o.speaker, o.text, tuple(o.evidence)) for o in conv.observations
                      if o.session_idx == session.idx] for conv, session in pairs]
         turns = [[t for t in session.turns if t.text.strip()] for _, session in pairs]
         prompts = [P.fact_extraction_prompt(t.speaker, t.text, session.date)
                    for (_, session), ts in zip(pairs, turns) for t in ts]
         texts = iter(self._generate(prompts, self.cfg.extract_max_new_tokens) if prompts else [])
-        return [[(t.speaker, f) for t in ts
+        return [[(t.speaker, f, (t.dia_id,)) for t in ts
                  for f in parse_facts(next(texts), self.cfg.max_facts_per_turn)] for ts in turns]
 
     def _generate(self, prompts: list[str], max_new_tokens: int, **kw) -> list[str]:
@@ -300,12 +234,16 @@ class MemoryBuilder:
         """
         pad = getattr(self.policy, "pad_token_id", 0) if self.policy is not None else 0
         dim = int(getattr(self.embedder, "dim", 384))
-        out, schedules = [], []
+        spec = manager_spec(self.cfg.manager)
+        out, schedules, golds = [], [], []
         for conv in convs:
             mems = [new_speaker_memory(conv.speaker_a, 0, self.cfg, dim, pad),
                     new_speaker_memory(conv.speaker_b, 1, self.cfg, dim, pad)]
-            out.append(ConversationMemory(conv.sample_id, mems, BuildStats()))
+            out.append(ConversationMemory(conv.sample_id, mems, BuildStats(),
+                                          self.cfg.budget))
             schedules.append(self.sessions_of(conv))
+            golds.append(frozenset(e.strip() for qa in conv.qas for e in qa.evidence)
+                         if spec.reads_gold else frozenset())
         for step in range(max(map(len, schedules), default=0)):
             active = [i for i, sched in enumerate(schedules) if step < len(sched)]
             facts = self._facts_many([(convs[i], schedules[i][step]) for i in active])
@@ -313,14 +251,16 @@ class MemoryBuilder:
             for i, session_facts in zip(active, facts):
                 mem, date = out[i], schedules[i][step].date
                 by_name = {m.name: m for m in mem.speakers}
-                kept = [(by_name[s], f) for s, f in session_facts if s in by_name and f.strip()]
+                rows = [(by_name[s], f, ev) for s, f, ev in session_facts
+                        if s in by_name and f.strip()]
+                kept = [(m, f) for m, f, _ in rows]
                 mem.stats.skipped_facts += len(session_facts) - len(kept)
                 if not kept:
                     continue
                 mem.stats.facts += len(kept)
                 emb = np.asarray(self.embedder.encode([f for _, f in kept]), np.float32)
-                if self.cfg.manager == "add_all":
-                    self._add_all(kept, emb, date, mem.stats)
+                if spec.decide is not None:
+                    self._rule_manage(spec.decide, rows, emb, date, mem.stats, golds[i])
                 else:
                     to_manage.append((kept, emb, date, mem.stats))
             if to_manage:
@@ -337,16 +277,18 @@ class MemoryBuilder:
                     on_done(out[i])
         return out
 
-    def _add_all(self, kept, emb, date, stats):
-        per_speaker = collections.defaultdict(list)
-        for (mem, fact), e in zip(kept, emb):
-            per_speaker[mem.name].append((mem, fact, e))
-        for rows in per_speaker.values():
-            mem = rows[0][0]
-            acts = [B.make_action(B.OpCode.ADD, -1, self.tokenize(f), e, mem.index,
-                                  max_len=self.cfg.max_len, dim=emb.shape[1],
-                                  pad_id=mem.bank.pad_id) for _, f, e in rows]
-            apply_ops(mem, B.stack_actions(acts), [f for _, f, _ in rows], date, stats)
+    def _rule_manage(self, decide, rows, emb, date, stats, gold):
+        """A rule manager (:mod:`mr1.memory.managers`) on one session: each fact's op is decided
+        on the speaker's bank as it is now and applied before the next fact."""
+        params = dataclasses.asdict(self.cfg)
+        for (mem, fact, evidence), e in zip(rows, emb):
+            op = decide(FactView(fact, e, evidence, mem.bank, mem.texts, gold, params))
+            embed = (lambda texts, e=e, fact=fact: e[None] if list(texts) == [fact]
+                     else self._embed_texts(texts))
+            actions = ops_to_actions([op], self.tokenize, max_len=self.cfg.max_len,
+                                     dim=emb.shape[1], embed=embed, speaker=mem.index,
+                                     pad_id=mem.bank.pad_id)
+            apply_ops(mem, actions, [op.text], date, stats)
 
     def _manager_prompts(self, kept, emb) -> tuple[list[str], list[list[int]]]:
         """One session's Memory Manager prompts and, per fact, the slots shown (display id
@@ -399,102 +341,34 @@ class MemoryBuilder:
         return np.asarray(self.embedder.encode(list(texts)), np.float32)
 
 
-# ----------------------------------------------------------------------------- save / load
-
-DONE = "DONE"
-
-
-def save_memory(mem: ConversationMemory, directory: str | os.PathLike) -> pathlib.Path:
-    """Atomically writes ``directory/<sample_id>/`` (``memory.json`` + ``banks.npz``) and a
-    ``DONE`` marker last; a rerun skips conversations whose marker exists."""
-    root = pathlib.Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / mem.sample_id
-    tmp = root / f".{mem.sample_id}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    meta = {"sample_id": mem.sample_id, "stats": mem.stats.to_dict(),
-            "speakers": [{"name": s.name, "index": s.index, "texts": s.texts,
-                          "timestamps": s.timestamps, "pad_id": s.bank.pad_id,
-                          "full_policy": s.bank.full_policy} for s in mem.speakers]}
-    (tmp / "memory.json").write_text(json.dumps(meta))
-    arrays = {f"{s.index}/{f}": np.asarray(getattr(s.bank, f))
-              for s in mem.speakers for f in BANK_FIELDS}
-    with open(tmp / "banks.npz", "wb") as fh:
-        np.savez(fh, **arrays)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    (final / DONE).write_text("ok\n")
-    return final
-
-
-def is_done(directory: str | os.PathLike, sample_id: str) -> bool:
-    return (pathlib.Path(directory) / sample_id / DONE).is_file()
-
-
-def load_memory(directory: str | os.PathLike, sample_id: str) -> ConversationMemory:
-    path = pathlib.Path(directory) / sample_id
-    if not (path / DONE).is_file():
-        raise FileNotFoundError(f"no finished memory for {sample_id} under {directory}")
-    meta = json.loads((path / "memory.json").read_text())
-    arrays = np.load(path / "banks.npz")
-    speakers = []
-    for s in meta["speakers"]:
-        fields = {f: jnp.asarray(arrays[f"{s['index']}/{f}"]) for f in BANK_FIELDS}
-        bank = B.MemoryBank(**fields, pad_id=s["pad_id"], full_policy=s["full_policy"])
-        speakers.append(SpeakerMemory(s["name"], s["index"], bank, s["texts"], s["timestamps"]))
-    return ConversationMemory(meta["sample_id"], speakers, BuildStats.from_dict(meta["stats"]))
-
-
-MANAGER_FILE = "manager.json"
-
-
-def manager_identity(config) -> dict[str, str]:
-    """Who builds the banks of an evaluate config: manager mode, its checkpoint ("" = the
-    loaded model), the model and the fact source -- banks of another identity differ.
+def manager_identity(config) -> dict[str, Any]:
+    """Who builds the banks of an evaluate config under which budget
+    (:func:`mr1.memory.store.bank_identity`): manager mode, its checkpoint ("" = the loaded
+    model), the model, the fact source, slots per speaker, full policy, tokens per memory and
+    session limit -- banks of another identity differ.
 
     A benchmark other than LoCoMo adds ``"data"`` ("longmemeval/oracle", "longmemeval/s",
     "msc"): LongMemEval's oracle and S haystacks share question ids, so their banks must not
-    mix. LoCoMo identities stay as they were (memory dirs built before the field resume).
-    An LLM manager in a reply form other than the paper's JSON adds ``"manager_format"``
-    (``"op"`` and ``"json_op"`` banks differ from the same checkpoint's JSON banks).
+    mix. An LLM manager in a reply form other than the paper's JSON adds ``"manager_format"``
+    (``"op"`` and ``"json_op"`` banks differ from the same checkpoint's JSON banks); a rule
+    manager adds its own parameters (``skip_tau``). Fields absent from ``config.memory`` take
+    :class:`PipelineConfig`'s defaults.
     """
-    ckpt = config.memory.get("manager_checkpoint", "") or ""
-    identity = {"manager": config.memory.manager, "manager_checkpoint": os.path.normpath(ckpt)
-                if ckpt else "", "model": config.model, "facts": config.memory.facts}
+    cfg = PipelineConfig.from_mapping(config.memory)
+    extra = {f: getattr(cfg, f) for f in manager_spec(cfg.manager).identity_fields}
     form = config.memory.get("manager_format", "json")
-    if config.memory.manager != "add_all" and form != "json":
-        identity["manager_format"] = form
+    if cfg.manager == "llm" and form != "json":
+        extra["manager_format"] = form
     name = benchmark_name(config)
     if name == "longmemeval":
-        identity["data"] = f"longmemeval/{config.get('longmemeval_variant') or 'oracle'}"
+        extra["data"] = f"longmemeval/{config.get('longmemeval_variant') or 'oracle'}"
     elif name != "locomo":
-        identity["data"] = name
-    return identity
-
-
-def claim_memory_dir(directory: str | os.PathLike, identity: dict[str, str]) -> bool:
-    """Writes ``identity`` to ``directory/manager.json``, or checks the one already there.
-
-    Returns whether the directory was already claimed (False: written now; a directory of
-    banks from before ``manager.json`` existed is accepted and claimed as it is).
-
-    Raises:
-      ValueError: the directory holds banks of another manager identity.
-    """
-    path = pathlib.Path(directory) / MANAGER_FILE
-    if path.is_file():
-        found = json.loads(path.read_text())
-        if found != identity:
-            raise ValueError(
-                f"memory dir {directory} was built by {found}, not {identity}; pick another "
-                "--config.memory.dir (or --workdir) for this manager")
-        return True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(identity, indent=1) + "\n")
-    return False
+        extra["data"] = name
+    return bank_identity(manager=cfg.manager,
+                         manager_checkpoint=config.memory.get("manager_checkpoint", "") or "",
+                         model=config.model, facts=cfg.facts, num_slots=cfg.num_slots,
+                         max_len=cfg.max_len, full_policy=cfg.full_policy,
+                         max_sessions=cfg.max_sessions, extra=extra)
 
 
 def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
@@ -504,14 +378,27 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
 
     Conversations that call the LLM are built ``conversations_per_batch`` at a time in
     lockstep (:meth:`MemoryBuilder.build_many`, a progress bar over sessions); each is saved
-    as soon as its last session is applied, and a rerun resumes from the saved ones. With
+    as soon as its last session is applied, and a rerun resumes from the saved ones. Each
+    built conversation's counts (ops, full-bank refusals, evictions, truncations) are logged,
+    and ``directory/manifest.json`` sums them (:func:`mr1.memory.store.write_manifest`). With
     ``directory=None`` nothing is saved or resumed.
+
+    Raises:
+      RunIdentityError: (a ValueError) a finished conversation under ``directory`` was built under another budget
+        (slots, tokens per memory, full policy or session limit) than ``builder.cfg``'s.
     """
     out, todo = {}, []
     for conv in convs:
         if directory is not None and is_done(directory, conv.sample_id):
             log(f"{conv.sample_id}: done, loading")
-            out[conv.sample_id] = load_memory(directory, conv.sample_id)
+            mem = load_memory(directory, conv.sample_id)
+            diff = budget_mismatch(mem.budget, builder.cfg.budget)
+            if diff:
+                raise RunIdentityError(
+                    f"{directory}/{conv.sample_id} holds banks built under another budget ("
+                    + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                    + "); pick another --config.memory.dir (or --workdir)")
+            out[conv.sample_id] = mem
         else:
             todo.append(conv)
     lockstep = builder.uses_llm
@@ -521,6 +408,7 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
                disable=not (progress and todo))
 
     def finish(mem: ConversationMemory) -> None:
+        log(f"{mem.sample_id}: {mem.stats.summary()}")
         if directory is not None:
             save_memory(mem, directory)
         out[mem.sample_id] = mem
@@ -533,6 +421,8 @@ def build_all(builder: MemoryBuilder, convs: Sequence[Conversation],
             finish(builder.build(group[0]))
             bar.update(1)
     bar.close()
+    if directory is not None and todo:
+        write_manifest(directory)
     return {c.sample_id: out[c.sample_id] for c in convs}
 
 

@@ -107,6 +107,29 @@ def compare_table(runs: Sequence[Run], base: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def capacity_table(runs: Sequence[Run]) -> str:
+    """Markdown table of the memory budget of the ``runs`` whose ``results.json`` has
+    ``memory_ops`` (evaluate.py's memory method): slots per speaker, full policy, ops applied,
+    ADDs refused by a full bank, memories evicted, texts truncated, invalid manager outputs
+    ("" when none of the runs built banks)."""
+    rows = [r for r in runs if r.results.get("memory_ops")]
+    if not rows:
+        return ""
+    head = ["run", "manager", "slots", "full policy", "ADD", "UPDATE", "DELETE", "NOOP",
+            "refused (full)", "evicted", "truncated", "invalid outputs"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|" + "---:|" * (len(head) - 4)]
+    for r in rows:
+        m = r.results["memory_ops"]
+        ops = m.get("ops", {})
+        cells = [r.name, str(m.get("manager", "n/a")), str(m.get("num_slots", "n/a")),
+                 str(m.get("full_policy", "n/a")),
+                 *[str(ops.get(k, 0)) for k in ("ADD", "UPDATE", "DELETE", "NOOP")],
+                 *[str(m.get(k, "n/a")) for k in ("bank_full", "evicted", "truncated")],
+                 str(sum(m.get("invalid", {}).values()))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(runs: Sequence[Run], png_path: str | os.PathLike, title: str = "") -> str:
     """Grouped bars of F1 per category (overall last), one colour per run. Returns the path."""
     import numpy as np

@@ -22,14 +22,17 @@ Python branch ever looks at a traced value. :func:`apply_action` applies one act
 
 * ``ADD``: write into the first free slot (lowest index). When the bank is full the
   ``full_policy`` (a key of :data:`FULL_POLICIES`) decides: ``"refuse"`` refuses the op,
-  ``"evict_lru"`` overwrites the least-recently-updated memory, ``"evict_oldest"`` the
-  least-recently-created one (ties: lowest index). The result names the evicted slot.
+  ``"evict_lru"`` overwrites the least-recently-updated memory, ``"evict_fifo"`` (alias
+  ``"evict_oldest"``) the least-recently-created one (ties: lowest index). The result names
+  the evicted slot, so a caller can count every eviction (nothing is dropped silently).
 * ``UPDATE``: rewrite the text/embedding of a valid ``target`` slot; keeps its id, speaker and
   ``created``, sets ``updated``.
 * ``DELETE``: clear a valid ``target`` slot (tokens to ``pad_id``, all fields to their
   free-slot values), so equal histories give bit-identical banks.
 * ``NOOP``: nothing but the step counter.
 
+An ADD/UPDATE whose ``length`` exceeds ``max_len`` keeps the first ``max_len`` tokens and is
+reported ``truncated`` (:func:`make_action` keeps the untruncated length for this).
 An ADD/UPDATE with ``length == 0``, an UPDATE/DELETE whose target is out of range or free, and
 an unknown op code are refused; the bank is then unchanged except for ``step``. The reason is
 reported as a :class:`Refusal` code in :class:`OpResult`.
@@ -126,6 +129,7 @@ class OpResult:
     reason   [] int32  a :class:`Refusal`
     slot     [] int32  slot written or cleared, -1 if none
     evicted  [] int32  slot whose memory was evicted by ADD on a full bank, -1 if none
+    truncated [] bool  an applied ADD/UPDATE kept only ``max_len`` of its ``length`` tokens
     """
 
     applied: Array
@@ -133,6 +137,7 @@ class OpResult:
     reason: Array
     slot: Array
     evicted: Array
+    truncated: Array
 
 
 def empty_bank(num_slots: int, max_len: int, dim: int, pad_id: int = 0,
@@ -159,14 +164,20 @@ def make_action(op: int | Array, target: int | Array = -1, tokens: Sequence[int]
                 embedding: Sequence[float] | Array | None = None, speaker: int | Array = 0, *,
                 max_len: int, dim: int, pad_id: int = 0,
                 length: int | Array | None = None) -> MemoryAction:
-    """Builds one action on the host, padding/truncating ``tokens`` to ``max_len``."""
+    """Builds one action on the host, padding/truncating ``tokens`` to ``max_len``.
+
+    ``length`` defaults to the *untruncated* token count, so the bank can report an over-long
+    text as ``truncated`` (it stores ``min(length, max_len)`` tokens).
+    """
     toks = np.full((max_len,), pad_id, np.int32)
-    arr = np.asarray(tokens, np.int32).reshape(-1)[:max_len]
+    arr = np.asarray(tokens, np.int32).reshape(-1)
+    full = arr.size
+    arr = arr[:max_len]
     toks[: arr.size] = arr
     emb = np.zeros((dim,), np.float32) if embedding is None else np.asarray(embedding, np.float32)
     return MemoryAction(
         op=jnp.asarray(op, jnp.int32), target=jnp.asarray(target, jnp.int32),
-        tokens=jnp.asarray(toks), length=jnp.asarray(arr.size if length is None else length,
+        tokens=jnp.asarray(toks), length=jnp.asarray(full if length is None else length,
                                                      jnp.int32),
         embedding=jnp.asarray(emb), speaker=jnp.asarray(speaker, jnp.int32))
 
@@ -191,7 +202,8 @@ def normalize(x: Array, axis: int = -1) -> Array:
 FULL_POLICIES: dict[str, Callable[[MemoryBank], Array] | None] = {
     "refuse": None,
     "evict_lru": lambda bank: bank.updated,       # least recently ADDed/UPDATEd
-    "evict_oldest": lambda bank: bank.created,    # least recently ADDed
+    "evict_fifo": lambda bank: bank.created,      # least recently ADDed (first in, first out)
+    "evict_oldest": lambda bank: bank.created,    # alias of evict_fifo (older configs)
 }
 
 
@@ -276,7 +288,8 @@ def apply_action(bank: MemoryBank, action: MemoryAction) -> tuple[MemoryBank, Op
         step=cur + 1,
     )
     result = OpResult(applied=touched, refused=~ok, reason=reason,
-                      slot=jnp.where(touched, slot, -1).astype(jnp.int32), evicted=evicted)
+                      slot=jnp.where(touched, slot, -1).astype(jnp.int32), evicted=evicted,
+                      truncated=write & (action.length > L))
     return bank, result
 
 

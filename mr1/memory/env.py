@@ -11,6 +11,14 @@ turn once the op is applied. ``MemoryManagerEnv(reward_fn=...)`` takes a pure, j
 ``reward_fn(state, action, result, next_state, params) -> float32 []``; the default gives 0 and
 the training loop assigns the delayed reward from ``info`` and the final bank.
 
+**The one transition.** :func:`transition` is the only function through which a manager op
+changes a bank: :meth:`MemoryManagerEnv.step` applies it, the memory construction pipeline
+(:func:`mr1.memory.store.apply_ops`) applies it op by op, and the Memory Manager's RL reward
+(:mod:`mr1.rl.memory_task`) and the replayed episodes of :mod:`mr1.memory.episodes` run
+``env.step`` on it. A full bank's refusal (``Refusal.BANK_FULL``), eviction (``evicted``) and
+truncation of an over-long text (``truncated``) come back in its :class:`OpResult` and in
+``step``'s ``info``, for the caller to count.
+
 Unlike gymnax, the end of an episode is absorbing instead of auto-resetting: once
 ``t == num_facts`` the state stops changing (actions are ignored, reported as not applied) so
 the final bank stays available to score the episode. Everything is fixed-shape: episodes,
@@ -60,7 +68,8 @@ def make_episode(fact_tokens: Sequence[Sequence[int]], embeddings, speaker: Sequ
 
     Facts beyond ``max_facts`` are dropped and tokens beyond ``max_len`` truncated.
     """
-    emb = np.asarray(embeddings, np.float32).reshape(len(fact_tokens), -1)
+    emb = np.asarray(embeddings, np.float32)
+    emb = emb.reshape(len(fact_tokens), emb.shape[-1])   # [n, D], n may be 0
     n = min(len(fact_tokens), max_facts)
     tokens = np.full((max_facts, max_len), pad_id, np.int32)
     lengths = np.zeros((max_facts,), np.int32)
@@ -124,6 +133,15 @@ class Observation:
     memory_mask: Array
 
 
+def transition(bank: MemoryBank, action: MemoryAction) -> tuple[MemoryBank, OpResult]:
+    """One manager op on one bank (pure, jittable; vmap it for batches of banks).
+
+    The bank's static ``full_policy`` decides an ADD into a full bank (refuse or evict); the
+    result says what happened (applied, refusal reason, slot, evicted slot, truncation).
+    """
+    return apply_action(bank, action)
+
+
 RewardFn = Callable[[EnvState, MemoryAction, OpResult, EnvState, EnvParams], Array]
 
 
@@ -167,7 +185,8 @@ class MemoryManagerEnv:
         ``op`` (as given), ``active`` (a fact was pending), ``op_valid`` (applied or a NOOP;
         False if refused or after the end),
         ``applied``, ``reason`` (:class:`~mr1.memory.bank.Refusal`), ``slot`` (slot written or
-        cleared, -1), ``evicted`` (-1 if none), ``fact_index`` and ``turn`` of the fact decided.
+        cleared, -1), ``evicted`` (-1 if none), ``truncated`` (text cut to ``max_len``),
+        ``fact_index`` and ``turn`` of the fact decided.
         """
         del key
         ep = params.episode
@@ -175,7 +194,7 @@ class MemoryManagerEnv:
         fact = jnp.clip(state.t, 0, ep.tokens.shape[0] - 1)
         act = action.replace(op=jnp.where(active, action.op, OpCode.NOOP).astype(jnp.int32),
                              speaker=ep.speaker[fact])
-        bank, result = apply_action(state.bank, act)
+        bank, result = transition(state.bank, act)
         bank = bank.replace(step=jnp.where(active, bank.step, state.bank.step))
         result = result.replace(refused=result.refused | ~active)
         next_state = EnvState(bank=bank, t=jnp.where(active, state.t + 1, state.t))
@@ -184,6 +203,7 @@ class MemoryManagerEnv:
         info = {"op": action.op, "active": active, "op_valid": ~result.refused,
                 "applied": result.applied,
                 "reason": result.reason, "slot": result.slot, "evicted": result.evicted,
+                "truncated": result.truncated & active,
                 "fact_index": jnp.where(active, state.t, -1), "turn": ep.turn[fact]}
         return self.get_obs(next_state, params), next_state, reward, done, info
 
@@ -203,3 +223,36 @@ class MemoryManagerEnv:
 
     def is_terminal(self, state: EnvState, params: EnvParams) -> Array:
         return state.t >= params.episode.num_facts
+
+
+def one_fact_params(bank: MemoryBank, speaker: int | Array, embedding: Array | None = None,
+                    top_k: int = 1) -> EnvParams:
+    """Params of a one-fact episode that starts from ``bank``: a single manager decision
+    (e.g. a training sample's op on its prefix bank). The fact's text is not needed to apply
+    an op (its tokens are zeros); ``embedding`` (default zeros) only feeds the observation.
+    Jittable and vmappable (``speaker`` may be traced)."""
+    emb = (jnp.zeros((1, bank.dim), jnp.float32) if embedding is None
+           else jnp.reshape(jnp.asarray(embedding, jnp.float32), (1, bank.dim)))
+    episode = Episode(tokens=jnp.full((1, bank.max_len), bank.pad_id, jnp.int32),
+                      lengths=jnp.zeros((1,), jnp.int32), embeddings=emb,
+                      speaker=jnp.reshape(jnp.asarray(speaker, jnp.int32), (1,)),
+                      turn=jnp.full((1,), -1, jnp.int32), num_facts=jnp.ones((), jnp.int32))
+    return EnvParams(episode=episode, init_bank=bank, top_k=top_k)
+
+
+def result_of(info: dict[str, Any]) -> OpResult:
+    """The :class:`OpResult` of one ``step``'s ``info``."""
+    return OpResult(applied=info["applied"], refused=~info["op_valid"], reason=info["reason"],
+                    slot=info["slot"], evicted=info["evicted"], truncated=info["truncated"])
+
+
+def step_once(bank: MemoryBank, action: MemoryAction, speaker: int | Array,
+              env: MemoryManagerEnv | None = None) -> tuple[MemoryBank, OpResult]:
+    """``env.reset`` on ``bank`` and one ``env.step`` with ``action`` for a fact of
+    ``speaker``: the bank after the op and its :class:`OpResult` (pure, vmappable)."""
+    env = env or MemoryManagerEnv()
+    params = one_fact_params(bank, speaker)
+    _, state = env.reset(None, params)
+    _, state, _, _, info = env.step(None, state, action, params)
+    return state.bank, result_of(info)
+

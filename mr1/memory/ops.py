@@ -338,7 +338,8 @@ def ops_to_actions(ops: Sequence[ParsedOp] | ParseResult, tokenize: Callable[[st
     """Turns parsed ops into a batched :class:`MemoryAction` with leaves ``[N, ...]``.
 
     Invalid ops become NOOP actions. Text is tokenised with ``tokenize`` (str -> ids) and
-    truncated to ``max_len``; ``embed`` (list of str -> ``[n, dim]``, e.g.
+    its tokens truncated to ``max_len`` (``length`` keeps the full count, so the bank reports
+    the truncation in ``OpResult.truncated``); ``embed`` (list of str -> ``[n, dim]``, e.g.
     ``Embedder.encode``) embeds the ADD/UPDATE texts in one call (zeros if None).
     ``id_to_slot`` maps the ids the model saw to bank slots (identity if None; an id it lacks
     becomes target -1, which the bank refuses). ``num_ops`` pads with NOOPs or truncates
@@ -363,9 +364,9 @@ def ops_to_actions(ops: Sequence[ParsedOp] | ParseResult, tokenize: Callable[[st
             target[i] = slot if isinstance(slot, (int, np.integer)) and 0 <= slot <= INT32_MAX \
                 else -1
         if p.op in NEEDS_TEXT:
-            ids = np.asarray(list(tokenize(p.text)), np.int32)[:max_len]
-            tokens[i, : ids.size] = ids
-            length[i] = ids.size
+            ids = np.asarray(list(tokenize(p.text)), np.int32)
+            tokens[i, : min(ids.size, max_len)] = ids[:max_len]
+            length[i] = ids.size   # untruncated: the bank reports a text over max_len
             texts.append(p.text)
             rows.append(i)
     if embed is not None and texts:

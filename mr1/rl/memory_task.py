@@ -51,6 +51,7 @@ from mr1.agents.pipeline import (BuildStats, ConversationMemory, PipelineConfig,
 from mr1.data.records import Conversation
 from mr1.eval import metrics as M
 from mr1.memory import bank as B
+from mr1.memory.env import step_once
 from mr1.memory.ops import ParsedOp, op_choice_tokens, parse_op_choice, parse_ops
 from mr1.rl.answer_task import PAD_MULTIPLE, greedy_texts, sampling_metrics
 from mr1.rl.rewards import combined_reward
@@ -236,11 +237,13 @@ def apply_sample_ops(banks: B.MemoryBank, speaker, prefix, actions: B.MemoryActi
 
     ``banks``: both speakers' full temporal banks stacked ``[2, ...]``; ``speaker [B]``,
     ``prefix [B]`` (memories before the sample's turn), ``actions [B]``. Returns ``B`` banks
-    and results (one ``vmap``: sample ``b``'s bank only ever receives action ``b``).
+    and results (one ``vmap``: sample ``b``'s bank only ever receives action ``b``). Each op
+    is one step of the manager environment (:func:`mr1.memory.env.step_once`), the one place
+    an op changes a bank.
     """
     def one(spk, n, act):
         bank = jax.tree.map(lambda x: x[spk], banks)
-        return B.apply_action(prefix_bank(bank, n), act)
+        return step_once(prefix_bank(bank, n), act, spk)
     return jax.vmap(one)(speaker, prefix, actions)
 
 
@@ -441,9 +444,9 @@ class ManagerTask:
             if p.id is not None and 0 <= p.id < len(s.shown):
                 target[i] = s.shown[p.id]
             if p.op in (B.OpCode.ADD, B.OpCode.UPDATE):
-                ids = np.asarray(list(self.tokenize(p.text)), np.int32)[: cfg.max_len]
-                tokens[i, : ids.size] = ids
-                length[i] = ids.size
+                ids = np.asarray(list(self.tokenize(p.text)), np.int32)
+                tokens[i, : min(ids.size, cfg.max_len)] = ids[: cfg.max_len]
+                length[i] = ids.size   # untruncated: the bank reports the truncation
                 texts.append(p.text)
                 rows.append(i)
         if texts:
