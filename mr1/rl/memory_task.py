@@ -532,7 +532,7 @@ def load_answer_params(config, policy, log=print):
     if not ckpt:
         log("frozen Answer Agent: the base model (answer.checkpoint is empty)")
         return policy.params
-    from mr1.rl.trainer import load_trained_params, run_config
+    from mr1.models.trained import load_trained_params, run_config
     log(f"frozen Answer Agent: {ckpt}")
     return load_trained_params(ckpt, policy.params, run=run_config(ckpt))
 
@@ -540,7 +540,8 @@ def load_answer_params(config, policy, log=print):
 def train_memory(config, workdir, *, policy=None, embedder=None, answer_fn=None,
                  log=print) -> dict:
     """Builds the Memory Manager task from ``config`` and runs (or resumes) training."""
-    from mr1.rl.trainer import build_then_train, load_policy_from_config, prepare_workdir
+    from mr1.models.trained import load_policy_from_config
+    from mr1.rl.trainer import build_then_train, prepare_workdir
 
     workdir = prepare_workdir(config, workdir)
     policy = policy or load_policy_from_config(config)
