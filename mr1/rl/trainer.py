@@ -268,15 +268,18 @@ def _progress(it, enabled: bool, **kw):
 
 
 class RLTask(Protocol):
-    """What :class:`Trainer` trains on: prompts to sample from, their rewards, a validation.
+    """What :class:`Trainer` trains on: prompts in, completions, rewards and metrics out.
 
-    ``rollout(policy, params, idx, key, cfg)`` samples ``cfg.num_samples`` completions for the
-    training prompts ``idx`` with :func:`mr1.sampling.sample_padded` and scores them; it returns
-    host arrays (``prompt_ids``, ``prompt_mask`` ``[P, T]``; ``tokens``, ``completion_mask``,
-    ``old_logp`` ``[P * G, N]``; ``rewards [P * G]``) and a dict of float metrics.
-    ``validate(policy, params, greedy_cfg)`` returns ``val_*`` metrics, ``best_metric`` among
-    them. An optional ``allowed_tokens`` attribute constrains sampling to those token ids.
-    Implementations: :class:`mr1.rl.answer_task.AnswerTask`,
+    ``score(idx, texts, group)`` scores ``group`` consecutive completions per training prompt
+    of ``idx``: rewards ``[len(texts)]`` and a dict of float metrics. ``rollout(policy, params,
+    idx, key, cfg)`` is :func:`mr1.rl.rollout.sample_and_score` over the task's token prompts
+    ``idx`` with that ``score`` (host arrays ``prompt_ids``, ``prompt_mask`` ``[P, T]``;
+    ``tokens``, ``completion_mask``, ``old_logp`` ``[P * G, N]``; ``rewards [P * G]``; and
+    metrics). ``validate(policy, params, greedy_cfg)`` returns ``val_*`` metrics,
+    ``best_metric`` among them. ``max_new_tokens`` is the sampling budget; an optional
+    ``allowed_tokens`` attribute constrains sampling to those token ids. Advantages, losses
+    and everything else of the update are the train step's (:mod:`mr1.rl.runner`), not the
+    task's. Implementations: :class:`mr1.rl.answer_task.AnswerTask`,
     :class:`mr1.rl.memory_task.ManagerTask`.
     """
 
@@ -286,6 +289,9 @@ class RLTask(Protocol):
     max_new_tokens: int
 
     def __len__(self) -> int: ...
+
+    def score(self, idx: np.ndarray, texts: list[str], group: int
+              ) -> tuple[np.ndarray, dict]: ...
 
     def rollout(self, policy, params, idx: np.ndarray, key, cfg: SamplingConfig
                 ) -> tuple[dict, dict]: ...
