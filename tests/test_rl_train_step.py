@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,8 +91,7 @@ def test_microbatching_gives_the_global_batch_update(agg):
     assert float(m1["grad_norm"]) > 0
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
-    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    chex.assert_trees_all_close(s1.params, s4.params, atol=1e-6, rtol=0)
 
 
 def test_equal_rewards_give_zero_gradient():
@@ -99,8 +99,7 @@ def test_equal_rewards_give_zero_gradient():
     a["advantages"] = np.asarray(group_advantages(np.full(P * G, 0.7, np.float32), G))
     state, m = _sgd_update(pol, a, 2)
     assert float(m["grad_norm"]) == 0.0
-    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(pol.params)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(state.params["policy"], pol.params)
 
 
 def test_nan_loss_skips_the_update():
@@ -112,9 +111,8 @@ def test_nan_loss_skips_the_update():
     state1, m = fn(jax.tree.map(jnp.copy, state0), TS.split_microbatches(a, P, G, 2))
     assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
     assert int(state1.step) == 1
-    for x, y in zip(jax.tree.leaves((state1.params, state1.opt_state)),
-                    jax.tree.leaves((state0.params, state0.opt_state))):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal((state1.params, state1.opt_state),
+                                (state0.params, state0.opt_state))
     # and the next finite batch updates normally
     a["advantages"][3] = 0.0
     state2, m2 = fn(state1, TS.split_microbatches(a, P, G, 2))
