@@ -387,11 +387,13 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, *,
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    return str(png_path)
+    return save_png(fig, png_path)
 
 
 # moved to mr1.eval.plots (evaluation outputs, not training metrics); kept importable here
-from mr1.eval.plots import OPS, op_counts_from_results, plot_op_distribution  # noqa: E402,F401
+from mr1.eval.plots import (  # noqa: E402,F401
+    OPS,
+    op_counts_from_results,
+    plot_op_distribution,
+    save_png,
+)

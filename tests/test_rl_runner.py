@@ -11,11 +11,8 @@ Checks:
 """
 
 import functools
-import json
 import os
 import runpy
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -29,7 +26,7 @@ from mr1.rl import advantages as A
 from mr1.rl import runner as R
 from mr1.rl import train_step as TS
 from tests.rl_driver import CONFIG, apply_overrides
-from tests.test_rl_train_step import G, P, _rollout
+from tests.test_rl_train_step import G, P, _rollout, run_on_8_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -329,12 +326,7 @@ def test_epochs_and_minibatches_on_8_devices_equal_one_device():
     reduction-order noise into visible fractions of the learning rate, see
     tests/test_rl_train_step.py and ADAM_OUTLIER_ATOL in tests/test_rl_multiprocess.py),
     metrics within 1e-4."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", _MULTI_DEVICE.format(root=ROOT)], env=env,
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = run_on_8_devices(_MULTI_DEVICE.format(root=ROOT))
     base = np.asarray(out["1"]["params"])
     assert out["1"]["metrics"]["clip_frac"] > 0.0
     for key in ("8-replicated", "8-fsdp"):

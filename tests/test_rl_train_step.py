@@ -174,18 +174,24 @@ _MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+def run_on_8_devices(script: str, timeout: float = 900) -> dict:
+    """Runs ``script`` in a subprocess with 8 forced CPU devices; returns the JSON it prints
+    after ``RESULT``."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=timeout, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.split("RESULT", 1)[1])
+
+
 def test_update_on_8_devices_equals_single_device():
     """One update on 8 CPU devices (batch split 8 ways with params replicated, then FSDP-sharded;
     then a (data 2, fsdp 2, tp 2) mesh: batch split 4 ways, weights split over fsdp and tp)
     equals the 1-device update (4 micro-batches there): parameters within 1e-5 (1% of the
     1e-3 Adam step; Adam's first step is lr * g / (|g| + eps), so a gradient that is float
     noise away from zero can move a few 1e-6 when the reduction order changes), loss 1e-5."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", _MULTI_DEVICE.format(root=ROOT)], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = run_on_8_devices(_MULTI_DEVICE.format(root=ROOT))
     base = np.asarray(out["1-replicated"]["params"])
     for key in ("8-replicated", "8-fsdp", "8-data2-fsdp2-tp2"):
         assert out[key]["devices"] == 8

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["OPS", "op_counts_from_results", "plot_op_distribution"]
+__all__ = ["OPS", "op_counts_from_results", "plot_op_distribution", "save_png"]
 
 OPS = ("ADD", "UPDATE", "DELETE", "NOOP", "INVALID")
 
@@ -68,6 +68,11 @@ def plot_op_distribution(counts: Mapping[str, Mapping[str, int]], png_path: str 
         ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
+    return save_png(fig, png_path)
+
+
+def save_png(fig, png_path: str | os.PathLike) -> str:
+    """``fig`` saved as a 100-dpi PNG at ``png_path`` (parent folders made); returns the path."""
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=100)
