@@ -50,8 +50,8 @@ from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import train_step as TS
 from mr1.rl.advantages import ESTIMATORS, AdvantageConfig
 
-__all__ = ["RunnerState", "StepConfig", "TrainStep", "make_train_step", "rl_update",
-           "estimator_name", "DEFAULT_ESTIMATORS"]
+__all__ = ["RunnerState", "StepConfig", "StepParts", "TrainStep", "make_train_step",
+           "step_parts", "rl_update", "jit_update", "estimator_name", "DEFAULT_ESTIMATORS"]
 
 # config.loss.advantage_estimator = "" picks the algorithm's default from the loss config
 DEFAULT_ESTIMATORS: dict[str, Callable[[Any], str]] = {
@@ -200,6 +200,27 @@ def rl_update(state: TS.TrainState, batch: TS.RolloutBatch, rewards: jax.Array, 
     return new.replace(step=state.step + 1), metrics
 
 
+def jit_update(cfg, lc: TS.LossConfig, sc: StepConfig, ac: AdvantageConfig, optimizer, *,
+               lora_scale: float | None, mesh, state_sharding, frozen_sharding=None,
+               ref_sharding=None) -> Callable:
+    """``jit(rl_update)`` as ``(state, batch, rewards, frozen, ref) -> (state, metrics)`` over
+    ``mesh``: the batch and rewards split on their per-micro-batch axis, the state per
+    ``state_sharding`` and donated; ``frozen`` / ``ref`` (None when unused) never donated.
+    What the trainer runs, and what :func:`mr1.planning.abstract_update` compiles."""
+    kw = dict(cfg=cfg, lc=lc, sc=sc, ac=ac, optimizer=optimizer,
+              lora_scale=float(lora_scale or 1.0), mesh=mesh)
+
+    def fn(state, batch, rewards, frozen, ref):
+        with parallel.activation_mesh(mesh):
+            return rl_update(state, batch, rewards, frozen, ref, **kw)
+
+    repl = parallel.replicated(mesh)
+    batch = parallel.batch_sharding(mesh, microbatched=True)
+    return jax.jit(fn, in_shardings=(state_sharding, batch, batch, frozen_sharding or repl,
+                                     ref_sharding or repl),
+                   out_shardings=(state_sharding, repl), donate_argnums=0)
+
+
 # ----------------------------------------------------------------------------- the step object
 
 @dataclasses.dataclass
@@ -273,19 +294,10 @@ class TrainStep:
         return RunnerState(train=train, frozen=frozen, ref=ref)
 
     def _compile(self):
-        kw = dict(cfg=self.model_config, lc=self.lc, sc=self.sc, ac=self.ac,
-                  optimizer=self.optimizer, lora_scale=float(self.lora_scale or 1.0),
-                  mesh=self.mesh)
-
-        def fn(state, batch, rewards, frozen, ref):
-            with parallel.activation_mesh(self.mesh):
-                return rl_update(state, batch, rewards, frozen, ref, **kw)
-
-        repl = parallel.replicated(self.mesh)
-        return jax.jit(fn, in_shardings=(self.state_sharding, self.batch_sharding,
-                                         self.batch_sharding, self.frozen_sharding or repl,
-                                         self.ref_sharding or repl),
-                       out_shardings=(self.state_sharding, repl), donate_argnums=0)
+        return jit_update(self.model_config, self.lc, self.sc, self.ac, self.optimizer,
+                          lora_scale=self.lora_scale, mesh=self.mesh,
+                          state_sharding=self.state_sharding,
+                          frozen_sharding=self.frozen_sharding, ref_sharding=self.ref_sharding)
 
     # -- the step
     def device_batch(self, arrays: dict) -> tuple[TS.RolloutBatch, jax.Array]:
@@ -319,26 +331,31 @@ class TrainStep:
 _ROLLOUT_FIELDS = ("prompt_ids", "prompt_mask", "tokens", "completion_mask", "old_logp")
 
 
-def make_train_step(config, policy_config, *, log: Callable[[str], None] = print) -> TrainStep:
-    """The train step of a run config (``algo``, ``rollout``, ``loss``, ``optim``, ``lora``,
-    ``parallel``, ``seed``) for a model of ``policy_config``; call ``.init(policy)`` for the
-    :class:`RunnerState`, then ``step(runner, arrays)`` once per rollout.
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What a run config says about its train step (:func:`step_parts`)."""
 
-    Batch sizes are checked up front: ``prompts_per_step`` splits into ``optim.minibatches``
-    mini-batches of whole micro-batches (``rollout.microbatch_prompts``), and a micro-batch
-    into the devices the batch is split over.
-    """
+    lc: TS.LossConfig
+    sc: StepConfig
+    ac: AdvantageConfig
+    optimizer: Any
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: tuple
+
+    @property
+    def lora_scale(self) -> float | None:
+        return lora_scale(self.lora_alpha, self.lora_rank) if self.lora_rank > 0 else None
+
+
+def step_parts(config) -> StepParts:
+    """Loss, layout, estimator and optimizer of a run config (``algo``, ``rollout``, ``loss``,
+    ``optim``, ``lora``, ``parallel``), checked: ``prompts_per_step`` splits into
+    ``optim.minibatches`` mini-batches of whole micro-batches, the estimator and objective
+    exist."""
     c = config
-    n_all = c.parallel.num_devices or jax.device_count()
-    mesh = parallel.make_mesh(n_all, parallel.mesh_shape_from_config(c.parallel, n_all))
     P, G = c.rollout.prompts_per_step, c.rollout.group_size
-    mb = c.rollout.microbatch_prompts or P
-    n_dev = parallel.batch_devices(mesh)
-    if P % mb or mb % n_dev:
-        raise ValueError(f"prompts_per_step {P} must split into micro-batches of {mb} prompts, "
-                         f"each divisible by the {n_dev} devices the batch is split over "
-                         f"(mesh {parallel.mesh_shape(mesh)})")
-    sc = StepConfig(prompts=P, group_size=G, microbatch_prompts=mb,
+    sc = StepConfig(prompts=P, group_size=G, microbatch_prompts=c.rollout.microbatch_prompts or P,
                     epochs=int(c.optim.get("epochs", 1)),
                     minibatches=int(c.optim.get("minibatches", 1)), estimator=estimator_name(c))
     est = ESTIMATORS.get(sc.estimator)
@@ -356,6 +373,27 @@ def make_train_step(config, policy_config, *, log: Callable[[str], None] = print
         critic_learning_rate=c.optim.critic_learning_rate if est.needs_values else None,
         warmup_steps=c.optim.warmup_steps, weight_decay=c.optim.weight_decay,
         b1=c.optim.b1, b2=c.optim.b2, max_grad_norm=c.loss.max_grad_norm, lora=rank > 0)
-    return TrainStep(policy_config, mesh, lc, sc, ac, optimizer, rank,
-                     float(lora_cfg.get("alpha", 16.0)),
-                     tuple(lora_cfg.get("targets", ())), int(c.seed), log=log)
+    return StepParts(lc, sc, ac, optimizer, rank, float(lora_cfg.get("alpha", 16.0)),
+                     tuple(lora_cfg.get("targets", ())))
+
+
+def make_train_step(config, policy_config, *, log: Callable[[str], None] = print) -> TrainStep:
+    """The train step of a run config (``algo``, ``rollout``, ``loss``, ``optim``, ``lora``,
+    ``parallel``, ``seed``) for a model of ``policy_config``; call ``.init(policy)`` for the
+    :class:`RunnerState`, then ``step(runner, arrays)`` once per rollout.
+
+    Batch sizes are checked up front (:func:`step_parts`; and a micro-batch splits over the
+    devices the batch is split over).
+    """
+    c = config
+    n_all = c.parallel.num_devices or jax.device_count()
+    mesh = parallel.make_mesh(n_all, parallel.mesh_shape_from_config(c.parallel, n_all))
+    parts = step_parts(c)
+    mb, n_dev = parts.sc.microbatch_prompts, parallel.batch_devices(mesh)
+    if parts.sc.prompts % mb or mb % n_dev:
+        raise ValueError(f"prompts_per_step {parts.sc.prompts} must split into micro-batches of "
+                         f"{mb} prompts, each divisible by the {n_dev} devices the batch is "
+                         f"split over (mesh {parallel.mesh_shape(mesh)})")
+    return TrainStep(policy_config, mesh, parts.lc, parts.sc, parts.ac, parts.optimizer,
+                     parts.lora_rank, parts.lora_alpha, parts.lora_targets, int(c.seed),
+                     log=log)
