@@ -158,10 +158,16 @@ def test_two_processes_match_single_process(runs, ref):
         assert want[step]["grad_norm"] > 1e-3 and want[step]["skipped"] == 0.0
         if runs["schedule"] == "2x2":  # later mini-batches see a moved policy: the clip binds
             assert want[step]["clip_frac"] > 0.0, want[step]
-    for step in want:
+    # 2 x 2 against 1 device: four Adam steps per rollout grow the all-reduce rounding of the
+    # first (see ADAM_OUTLIER_ATOL) until the random tiny policy samples another token at step
+    # 2 (its near-uniform 49152-way softmax puts CDF boundaries everywhere; MESH8 below), and
+    # from there the runs train on different data: compared through step 1, as MESH8's 1 x 8
+    steps = (range(NUM_STEPS + 1) if ref == "2dev" or runs["schedule"] == "1x1" else
+             range(2))
+    for step in steps:
         D.assert_rows_equal(got[step], want[step], rtol=RTOL, atol=ATOL,
                             what=f"step {step} vs {ref}")
-    for step in range(1, NUM_STEPS + 1):
+    for step in steps[1:]:
         p_got = D.restore_policy_params(runs["wd"], step)
         p_want = D.restore_policy_params(runs["root"] / ref, step)
         if ref == "2dev":

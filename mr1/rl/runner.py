@@ -317,8 +317,9 @@ class TrainStep:
         as floats."""
         batch, rewards = self.device_batch(arrays)
         train, metrics = self._update(runner.train, batch, rewards, runner.frozen, runner.ref)
-        metrics = jax.device_get({k: parallel.to_host(v) for k, v in metrics.items()})
-        return runner.replace(train=train), {k: float(v) for k, v in metrics.items()}
+        # the metrics are replicated scalars: this process's copies, fetched in one call
+        values = jax.device_get([v.addressable_data(0) for v in metrics.values()])
+        return runner.replace(train=train), {k: float(v) for k, v in zip(metrics, values)}
 
     def policy_params(self, runner: RunnerState):
         """The current policy params (device arrays, the state's sharding): LoRA merged into
