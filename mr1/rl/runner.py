@@ -231,19 +231,16 @@ class TrainStep:
 
     model_config: Any
     mesh: Any
-    lc: TS.LossConfig
-    sc: StepConfig
-    ac: AdvantageConfig
-    optimizer: Any
-    lora_rank: int
-    lora_alpha: float
-    lora_targets: tuple
+    parts: "StepParts"
     seed: int
     log: Callable[[str], None] = print
 
     def __post_init__(self):
-        self.lora_scale = (lora_scale(self.lora_alpha, self.lora_rank) if self.lora_rank > 0
-                           else None)
+        p = self.parts
+        self.lc, self.sc, self.ac, self.optimizer = p.lc, p.sc, p.ac, p.optimizer
+        self.lora_rank, self.lora_alpha, self.lora_targets = (p.lora_rank, p.lora_alpha,
+                                                              p.lora_targets)
+        self.lora_scale = p.lora_scale
         self.needs_critic = ESTIMATORS.get(self.sc.estimator).needs_values
         mode = "fsdp" if parallel.mesh_shape(self.mesh).fsdp > 1 else "replicated"
         self.shard = lambda t: parallel.param_shardings(t, self.mesh, mode)  # noqa: E731
@@ -395,6 +392,4 @@ def make_train_step(config, policy_config, *, log: Callable[[str], None] = print
         raise ValueError(f"prompts_per_step {parts.sc.prompts} must split into micro-batches of "
                          f"{mb} prompts, each divisible by the {n_dev} devices the batch is "
                          f"split over (mesh {parallel.mesh_shape(mesh)})")
-    return TrainStep(policy_config, mesh, parts.lc, parts.sc, parts.ac, parts.optimizer,
-                     parts.lora_rank, parts.lora_alpha, parts.lora_targets, int(c.seed),
-                     log=log)
+    return TrainStep(policy_config, mesh, parts, int(c.seed), log=log)
