@@ -14,12 +14,10 @@ setup(
         "jax>=0.4.35",
         "flax>=0.10",
         "optax>=0.2.6",            # optax.tree.norm
-        "orbax-checkpoint",
+        "orbax-checkpoint",        # (brings tensorstore, which it uses for array storage)
         "transformers>=4.45",
         "datasets",
-        "tensorstore",
         "ml-collections",
-        "chex",
         "gguf>=0.10",
         "safetensors",
         "absl-py",
@@ -27,11 +25,13 @@ setup(
         "numpy",
         "nltk",
         "matplotlib",
+        "tensorboardX",            # TensorBoard event files (mr1.metrics_io)
     ],
     extras_require={
         # Test-only tools. The PyTorch reference (torch==2.13.0 CPU, accelerate) used by the
         # parity tests is installed by .ci/run directly, never through an extra users install.
         "test": ["pytest", "hypothesis", "sentencepiece",
+                 "chex",           # pytree assertions in the RL / bank / env tests
                  # the Colab notebook runs top to bottom in CI (tests/test_notebook.py)
                  "nbclient", "nbformat", "ipykernel"],
         # Accelerator builds of jax for the launchers (launch/): TPU VMs and CUDA 12 GPUs.

@@ -28,8 +28,8 @@ from mr1.agents.pipeline import (
     build_all,
     claim_memory_dir,
     manager_identity,
-    select_conversations,
 )
+from mr1.data.select import select_conversations
 from mr1.entry import run_main
 from mr1.run_identity import check_directory
 from mr1.memory.embedder import load_embedder
@@ -52,7 +52,7 @@ def run(config, workdir, *, policy=None, embedder=None, generate_fn=None, log=pr
     cfg = PipelineConfig.from_mapping(config.memory)
     convs = [c for c, _ in select_conversations(config)]   # config.benchmark's data
     if policy is None:   # its tokenizer also fills the bank tensors, as evaluate.py does
-        from mr1.rl.trainer import load_policy_from_config
+        from mr1.models.trained import load_policy_from_config
         policy = load_policy_from_config(config)
     builder = MemoryBuilder(cfg, embedder or load_embedder(), policy, generate_fn=generate_fn)
     mems = process_zero_first(  # several hosts: process 0 builds, the others load its banks

@@ -57,7 +57,7 @@ def main(argv) -> None:
         png = plot_comparison(runs, out / "compare.png", title=_TITLE.value)
         print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {png}")
     if _OPS_PNG.value:
-        from mr1.metrics_io import op_counts_from_results, plot_op_distribution
+        from mr1.eval.plots import op_counts_from_results, plot_op_distribution
 
         counts = {r.name: op_counts_from_results(r.path / "results.json") for r in runs
                   if r.results.get("memory_ops")}

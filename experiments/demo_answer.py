@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mr1.data.locomo import load_locomo, split_locomo
 from mr1.eval.metrics import f1

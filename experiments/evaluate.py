@@ -77,22 +77,20 @@ from mr1.agents.answer import AnswerAgent, full_context_prompts, rag_prompts
 from mr1.agents.pipeline import (
     MemoryBuilder,
     PipelineConfig,
-    benchmark_categories,
-    benchmark_name,
     build_all,
     claim_memory_dir,
     manager_identity,
-    select_conversations,
 )
 from mr1 import run_identity as RI
 from mr1.memory.store import evidence_coverage, sum_stats
 from mr1.data.longmemeval import is_abstention
+from mr1.data.select import benchmark_categories, benchmark_name, select_conversations
 from mr1.eval import metrics as M
 from mr1.eval.judge import judge_scores, load_judge
 from mr1.fileio import write_jsonl_atomic, write_text_atomic
 from mr1.entry import run_main
 from mr1.memory.embedder import load_embedder
-from mr1.rl.trainer import load_policy_from_config
+from mr1.models.trained import load_policy_from_config, load_trained_params, lora_rank, run_config
 from mr1.parallel import is_main_process, maybe_initialize_distributed, process_zero_first
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
@@ -113,7 +111,6 @@ def _trained_policy(policy, checkpoint, log=print):
     """``policy`` with the params of an RL run's ``checkpoint`` (``""``: ``policy`` as it is)."""
     if not checkpoint:
         return policy
-    from mr1.rl.trainer import load_trained_params, lora_rank, run_config
     run_cfg = run_config(checkpoint)  # the RL run's config.json, {} if absent
     trained = load_trained_params(checkpoint, policy.params, run=run_cfg)
     rank = lora_rank(run_cfg)
@@ -127,7 +124,6 @@ def _check_distill(checkpoint, distill: bool, log=print) -> None:
     ``answer.distill`` than this evaluation uses (a legitimate cross-check, so not an error)."""
     if not checkpoint:
         return
-    from mr1.rl.trainer import run_config
     trained = (run_config(checkpoint).get("answer") or {}).get("distill", True)
     if bool(trained) != distill:
         log(f"note: {checkpoint} was trained with answer.distill={bool(trained)}, "

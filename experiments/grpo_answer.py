@@ -8,7 +8,8 @@ Re-running with the same ``--workdir`` resumes from the latest checkpoint. Write
 Evaluate the result with ``experiments/evaluate.py --config.checkpoint=<workdir>/checkpoints``.
 """
 
-from mr1.rl.cli import run_answer_trainer
+from mr1.rl.cli import run_trainer
+from mr1.rl.trainer import train
 
 if __name__ == "__main__":
-    run_answer_trainer("grpo", default_workdir="runs/grpo_answer")
+    run_trainer(train, "grpo", default_workdir="runs/grpo_answer")

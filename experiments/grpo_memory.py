@@ -10,7 +10,8 @@ Re-running with the same ``--workdir`` resumes from the latest checkpoint. Write
 --config.memory.manager=llm --config.memory.manager_checkpoint=<workdir>/best``.
 """
 
-from mr1.rl.cli import run_memory_trainer
+from mr1.rl.cli import run_trainer
+from mr1.rl.memory_task import train_memory
 
 if __name__ == "__main__":
-    run_memory_trainer("grpo", default_workdir="runs/grpo_memory")
+    run_trainer(train_memory, "grpo", default_workdir="runs/grpo_memory")

@@ -6,7 +6,8 @@
 Same outputs and resume behaviour as ``grpo_answer.py``.
 """
 
-from mr1.rl.cli import run_answer_trainer
+from mr1.rl.cli import run_trainer
+from mr1.rl.trainer import train
 
 if __name__ == "__main__":
-    run_answer_trainer("ppo", default_workdir="runs/ppo_answer")
+    run_trainer(train, "ppo", default_workdir="runs/ppo_answer")

@@ -1,6 +1,6 @@
 """Training-metric logging: an append-only CSV, TensorBoard scalar event files, and plots.
 
-Dependency-free apart from numpy and matplotlib; no tensorflow, tensorboard or tensorboardX.
+numpy, matplotlib and tensorboardX (for the event files); no tensorflow or tensorboard.
 
 * ``<workdir>/metrics.csv`` has columns ``step``, ``time`` (unix seconds), then the metric names
   in sorted order. Each :meth:`MetricsWriter.write` appends one row and flushes, so a ``kill -9``
@@ -9,12 +9,12 @@ Dependency-free apart from numpy and matplotlib; no tensorflow, tensorboard or t
   union of the columns (atomically: a temporary file, then ``os.replace``); absent cells are
   empty. Values are written as Python floats (``repr``), so NaN/inf come out as ``nan``/``inf``.
   Two writes at one step give two rows; :func:`read_csv` and :func:`plot_curves` cope with that.
-* ``<workdir>/tb/events.out.tfevents.<int time>.<hostname>.mr1`` is a TFRecord file of hand-encoded
-  ``Event`` protobufs: a first record with ``file_version = "brain.Event:2"``, then one event per
-  write holding a ``Summary`` with one ``simple_value`` per metric (float32, as TensorBoard stores
-  scalars). TFRecord framing: uint64 length, masked CRC32C of the length, data, masked CRC32C of
-  the data; CRC32C (Castagnoli) is table-driven pure Python. :func:`read_events` decodes such
-  files (ours or other writers' scalar summaries) and checks every CRC.
+* ``<workdir>/tb/events.out.tfevents.<int time>.<hostname>.<n>.mr1`` is an event file written
+  by tensorboardX's ``FileWriter`` (``file_version = "brain.Event:2"`` first, then one event per
+  write holding a ``Summary`` with one ``simple_value`` per metric, float32 as TensorBoard
+  stores scalars; flushed per write). ``<n>`` counts the directory's earlier event files, so a
+  restart within the same second gets its own file. :func:`read_events` reads scalar
+  summaries back (any writer's), checking every record's CRC.
 * Resume (``resume_step`` given): CSV rows with ``step > resume_step`` are dropped, since they were
   logged after the checkpoint the run restarts from and would otherwise be duplicated. TensorBoard
   gets a new event file that opens with a ``SessionLog.START`` at ``resume_step + 1``, the marker
@@ -24,18 +24,15 @@ Dependency-free apart from numpy and matplotlib; no tensorflow, tensorboard or t
 :func:`plot_curves` draws chosen CSV columns against ``step`` with matplotlib's Agg canvas (no
 display, and no change to pyplot's global backend): one subplot per panel, NaN cells skipped so
 sparse validation columns draw as lines with markers, and noisy columns (more than 10 points)
-drawn faintly with a debiased EMA over them. :func:`plot_op_distribution` draws Memory Manager
-op distributions (fractions, raw counts on top) as grouped bars; :func:`op_counts_from_results`
-reads them from an ``experiments/evaluate.py`` ``results.json``.
+drawn faintly with a debiased EMA over them. (The op-distribution plot of evaluation runs
+is :mod:`mr1.eval.plots`'.)
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
-import socket
 import struct
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,60 +44,33 @@ if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated 
 
 import numpy as np
 
-__all__ = ["MetricsWriter", "crc32c", "ema", "masked_crc32c", "op_counts_from_results",
-           "plot_curves", "plot_op_distribution", "read_csv", "read_events"]
+__all__ = ["MetricsWriter", "ema", "plot_curves", "read_csv", "read_events"]
 
 CSV_NAME = "metrics.csv"
 TB_DIRNAME = "tb"
 _RESERVED = ("step", "time")
-_FILE_VERSION = "brain.Event:2"
 
 # --------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli), reflected polynomial 0x82F63B78, and TFRecord framing.
+# TensorBoard event files, written and read through tensorboardX.
 # --------------------------------------------------------------------------------------------
 
 
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C of ``data`` (``crc32c(b"123456789") == 0xE3069283``)."""
-    crc = 0xFFFFFFFF
-    table = _CRC_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC: rotate right by 15 bits, add a constant (mod 2**32)."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _frame_record(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return (header + struct.pack("<I", masked_crc32c(header)) + data
-            + struct.pack("<I", masked_crc32c(data)))
+def _to_f32(value: float) -> float:
+    """``value`` as float32 can hold it: too large finite values become +-inf, not an error."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
 
 
 def _iter_records(blob: bytes, path: str = "") -> Iterator[bytes]:
-    """TFRecord payloads of ``blob``; a CRC mismatch raises ``ValueError``.
+    """TFRecord payloads of ``blob`` (CRCs checked with tensorboardX's ``masked_crc32c``); a
+    CRC mismatch raises ``ValueError``.
 
     A truncated final record (the writer was killed mid-write) ends the iteration quietly, as in
     TensorBoard's own reader; its length was checked by CRC first, so a corrupt length is not
     mistaken for truncation.
     """
+    from tensorboardX.record_writer import masked_crc32c
+
     pos, n = 0, len(blob)
     while pos < n:
         if n - pos < 12:
@@ -120,166 +90,62 @@ def _iter_records(blob: bytes, path: str = "") -> Iterator[bytes]:
         pos += 16 + length
 
 
-# --------------------------------------------------------------------------------------------
-# Protobuf wire format: just what Event / Summary / SessionLog need.
-# --------------------------------------------------------------------------------------------
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int64 -> ten-byte two's complement, as protobuf does
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint((field << 3) | wire)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _key(field, _LEN) + _varint(len(payload)) + payload
-
-
-def _encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                  summary: bytes | None = None, session_log: bytes | None = None) -> bytes:
-    out = _key(1, _I64) + struct.pack("<d", wall_time) + _key(2, _VARINT) + _varint(step)
-    if file_version is not None:
-        out += _len_field(3, file_version.encode("utf-8"))
-    if summary is not None:
-        out += _len_field(5, summary)
-    if session_log is not None:
-        out += _len_field(7, session_log)
-    return out
-
-
-def _encode_summary(values: Mapping[str, float]) -> bytes:
-    out = b""
-    for tag, value in values.items():
-        val = _len_field(1, tag.encode("utf-8")) + _key(2, _I32) + struct.pack("<f", _to_f32(value))
-        out += _len_field(1, val)
-    return out
-
-
-def _to_f32(value: float) -> float:
-    """``value`` as float32 can hold it: too large finite values become +-inf, not an error."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(value))
-
-
-_SESSION_START = _key(1, _VARINT) + _varint(1)  # SessionLog{status: START}
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result, shift = 0, 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise ValueError("varint too long")
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value) triples; LEN values are bytes, I64/I32 raw bytes."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif wire == _I64:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == _I32:
-            value, pos = buf[pos:pos + 4], pos + 4
-        elif wire == _LEN:
-            length, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf field")
-        yield field, wire, value
-
-
-def _decode_event(data: bytes) -> list[dict[str, Any]]:
-    """Scalar summary values of one ``Event`` (an empty list for other events)."""
-    wall_time, step, summaries = 0.0, 0, []
-    for field, wire, value in _fields(data):
-        if field == 1 and wire == _I64:
-            (wall_time,) = struct.unpack("<d", value)
-        elif field == 2 and wire == _VARINT:
-            step = value - (1 << 64) if value >= 1 << 63 else value
-        elif field == 5 and wire == _LEN:
-            summaries.append(value)
-    rows = []
-    for summary in summaries:
-        for field, wire, value in _fields(summary):
-            if field != 1 or wire != _LEN:
-                continue
-            tag, scalar = None, None
-            for vfield, vwire, vvalue in _fields(value):
-                if vfield == 1 and vwire == _LEN:
-                    tag = vvalue.decode("utf-8")
-                elif vfield == 2 and vwire == _I32:
-                    (scalar,) = struct.unpack("<f", vvalue)
-            if tag is not None and scalar is not None:
-                rows.append({"step": step, "wall_time": wall_time, "tag": tag, "value": scalar})
-    return rows
-
-
 def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Scalars (``simple_value``) of an event file, or of every event file in a directory.
 
     Returns dicts ``{"step", "wall_time", "tag", "value"}`` in file order (directories: files in
     name order, which is creation-time order). Raises ``ValueError`` on a CRC mismatch or a
-    malformed protobuf.
+    malformed record.
     """
+    from google.protobuf.message import DecodeError
+    from tensorboardX.proto.event_pb2 import Event
+
     path = Path(path)
     files = sorted(p for p in path.iterdir() if "tfevents" in p.name) if path.is_dir() else [path]
     rows: list[dict[str, Any]] = []
     for file in files:
         for record in _iter_records(file.read_bytes(), str(file)):
-            rows.extend(_decode_event(record))
+            try:
+                event = Event.FromString(record)
+            except DecodeError as e:
+                raise ValueError(f"{file}: malformed event record") from e
+            for v in event.summary.value:
+                if v.WhichOneof("value") == "simple_value":
+                    rows.append({"step": event.step, "wall_time": event.wall_time,
+                                 "tag": v.tag, "value": v.simple_value})
     return rows
 
 
 class _EventFileWriter:
-    """Appends framed ``Event`` records to a new file under ``logdir``."""
+    """A new event file under ``logdir`` (tensorboardX's ``FileWriter``), flushed per write."""
 
     def __init__(self, logdir: Path, *, start_step: int | None = None):
-        logdir.mkdir(parents=True, exist_ok=True)
-        stamp = int(time.time())
-        host = socket.gethostname() or "localhost"
-        while (logdir / f"events.out.tfevents.{stamp}.{host}.mr1").exists():
-            stamp += 1  # a restart within the same second: keep the earlier file
-        self.path = logdir / f"events.out.tfevents.{stamp}.{host}.mr1"
-        self._file = open(self.path, "xb")  # noqa: SIM115 (held open across writes)
-        self._write(_encode_event(time.time(), 0, file_version=_FILE_VERSION))
-        if start_step is not None:
-            self._write(_encode_event(time.time(), start_step, session_log=_SESSION_START))
+        from tensorboardX import FileWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-    def _write(self, event: bytes) -> None:
-        self._file.write(_frame_record(event))
-        self._file.flush()
+        logdir.mkdir(parents=True, exist_ok=True)
+        before = set(logdir.iterdir())
+        # a per-directory counter in the name: a restart within the same second (tensorboardX
+        # names files by the second) gets a file of its own
+        n = sum(1 for p in before if "tfevents" in p.name)
+        self._writer = FileWriter(str(logdir), filename_suffix=f".{n}.mr1")
+        created = sorted(set(logdir.iterdir()) - before)
+        self.path = created[0] if created else None
+        if start_step is not None:
+            self._writer.add_event(Event(wall_time=time.time(), step=start_step,
+                                         session_log=SessionLog(status=SessionLog.START)))
+        self._writer.flush()
 
     def scalars(self, step: int, wall_time: float, values: Mapping[str, float]) -> None:
-        self._write(_encode_event(wall_time, step, summary=_encode_summary(values)))
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=t, simple_value=_to_f32(v))
+                                 for t, v in values.items()])
+        self._writer.add_summary(summary, global_step=step, walltime=wall_time)
+        self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._writer.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,64 +387,13 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, *,
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    return str(png_path)
+    return save_png(fig, png_path)
 
 
-OPS = ("ADD", "UPDATE", "DELETE", "NOOP", "INVALID")
-
-
-def op_counts_from_results(results_json_path: str | os.PathLike) -> dict[str, int]:
-    """``{"ADD": n, "UPDATE": n, "DELETE": n, "NOOP": n, "INVALID": invalid + refused}`` from
-    the ``memory_ops`` block of an ``experiments/evaluate.py`` ``results.json``.
-
-    The categories are disjoint: the parser turns an invalid output into a NOOP, which
-    ``memory_ops["ops"]["NOOP"]`` includes; here it counts as INVALID only (bank refusals are
-    not among the applied ops).
-    """
-    ops = json.loads(Path(results_json_path).read_text()).get("memory_ops")
-    if not ops:
-        raise ValueError(f"{results_json_path} has no memory_ops (not a memory-method run?)")
-    counts = {op: int(ops["ops"].get(op, 0)) for op in OPS[:-1]}
-    invalid = sum(ops["invalid"].values())
-    counts["NOOP"] = max(0, counts["NOOP"] - invalid)
-    counts["INVALID"] = invalid + sum(ops["refused"].values())
-    return counts
-
-
-def plot_op_distribution(counts: Mapping[str, Mapping[str, int]], png_path: str | os.PathLike,
-                         title: str = "") -> str:
-    """Grouped bars of op fractions: one group per op (ADD, UPDATE, DELETE, NOOP, then INVALID
-    when an entry has it), one colour per entry of ``counts`` (e.g. ``{"prompted manager":
-    {...}, "GRPO manager": {...}}``), each bar its count over that entry's total, the count
-    written on top. Returns ``png_path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ops = [op for op in OPS if op != "INVALID" or any(op in c for c in counts.values())]
-    fig = Figure(figsize=(max(5.0, 1.0 + len(ops) * (0.4 + 0.35 * len(counts))), 3.8),
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(1, len(counts))
-    x = np.arange(len(ops))
-    for i, (name, c) in enumerate(counts.items()):
-        raw = [int(c.get(op, 0)) for op in ops]
-        total = sum(raw) or 1
-        bars = ax.bar(x + (i - (len(counts) - 1) / 2) * width, [n / total for n in raw], width,
-                      label=f"{name} (n={sum(raw)})", color=f"C{i % 10}")
-        ax.bar_label(bars, labels=[str(n) for n in raw], fontsize="small", padding=1)
-    ax.set_xticks(x, ops)
-    ax.set_ylabel("fraction of ops")
-    ax.set_ylim(0, 1.12)
-    ax.grid(True, axis="y", alpha=0.3)
-    if counts:
-        ax.legend(fontsize="small")
-    if title:
-        ax.set_title(title)
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    return str(png_path)
+# moved to mr1.eval.plots (evaluation outputs, not training metrics); kept importable here
+from mr1.eval.plots import (  # noqa: E402,F401
+    OPS,
+    op_counts_from_results,
+    plot_op_distribution,
+    save_png,
+)

@@ -318,17 +318,21 @@ def _abstract(tree, shardings):
 
 def abstract_update(config, mesh, *, prompt_tokens: int | None = None,
                     response_tokens: int | None = None):
-    """Lowers and compiles the trainer's jitted update for ``config`` on ``mesh`` from abstract
-    arrays; returns ``(compiled, seconds)``. Shapes: the config's batch, ``plan`` lengths."""
+    """Lowers and compiles the trainer's jitted update (:func:`mr1.rl.runner.jit_update`: the
+    advantages, reference log-probs and ``epochs x minibatches`` optimizer steps) for
+    ``config`` on ``mesh`` from abstract arrays; returns ``(compiled, seconds)``. Shapes: the
+    config's batch, ``plan`` lengths."""
     import time
 
+    from mr1.rl import runner as R
     from mr1.rl import train_step as TS
 
     cfg = model_config(config)
     plan_cfg = config.get("plan") or {}
     t_p = prompt_tokens or int(plan_cfg.get("prompt_tokens", 1024))
     t_r = response_tokens or int(plan_cfg.get("response_tokens", config.answer.max_new_tokens))
-    params, opt, frozen, scale, _ = _train_params(config, cfg)
+    parts = R.step_parts(config)
+    params, opt, frozen, scale, policy = _train_params(config, cfg)
     mode = "fsdp" if parallel.mesh_shape(mesh).fsdp > 1 else "replicated"
     shard = lambda t: parallel.param_shardings(t, mesh, mode)  # noqa: E731
     state = jax.eval_shape(lambda: TS.init_train_state(params, opt, 0))
@@ -341,22 +345,26 @@ def abstract_update(config, mesh, *, prompt_tokens: int | None = None,
     f32, i32 = jnp.float32, jnp.int32
     s = lambda *shape, dt=f32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     rows = mb * G
-    adv = s(m, rows, t_r) if config.algo == "ppo" else s(m, rows)
+    # what the trainer sends: the rollout and the rewards (advantages etc. are computed inside)
     batch = TS.RolloutBatch(prompt_ids=s(m, mb, t_p, dt=i32), prompt_mask=s(m, mb, t_p, dt=i32),
                             tokens=s(m, rows, t_r, dt=i32), completion_mask=s(m, rows, t_r),
-                            old_logp=s(m, rows, t_r), ref_logp=s(m, rows, t_r), advantages=adv,
-                            returns=s(m, rows, t_r), old_values=s(m, rows, t_r))
-    batch = _abstract(batch, jax.tree.map(lambda _: parallel.batch_sharding(
-        mesh, microbatched=True), batch))
-    lc = TS.LossConfig.from_mapping({**config.loss, "objective": config.algo,
-                                     "remat": config.parallel.get("remat", False),
-                                     "logit_chunk": config.parallel.get("logit_chunk", 0)})
+                            old_logp=s(m, rows, t_r), ref_logp=None, advantages=None,
+                            returns=None, old_values=None)
+    on_batch = lambda t: _abstract(t, jax.tree.map(  # noqa: E731
+        lambda _: parallel.batch_sharding(mesh, microbatched=True), t))
     frozen_sharding = shard(frozen) if frozen is not None else None
-    update = TS.make_update(cfg, lc, opt, mesh, state_sharding, lora_scale=scale,
-                            frozen_sharding=frozen_sharding)
-    args = (_abstract(state, state_sharding), batch)
-    if frozen is not None:
-        args += (_abstract(frozen, frozen_sharding),)
+    ref = ref_sharding = None
+    if parts.lc.kl_beta > 0:  # the reference: the LoRA base, else a compute-dtype copy
+        ref = frozen if frozen is not None else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, transformer.activation_dtype(cfg, x.dtype)),
+            policy)
+        ref_sharding = shard(ref)
+    update = R.jit_update(cfg, parts.lc, parts.sc, parts.ac, opt, lora_scale=scale, mesh=mesh,
+                          state_sharding=state_sharding, frozen_sharding=frozen_sharding,
+                          ref_sharding=ref_sharding)
+    args = (_abstract(state, state_sharding), on_batch(batch), on_batch(s(m, rows)),
+            None if frozen is None else _abstract(frozen, frozen_sharding),
+            None if ref is None else _abstract(ref, ref_sharding))
     t0 = time.time()
     compiled = update.lower(*args).compile()
     return compiled, time.time() - t0

@@ -146,7 +146,7 @@ def test_memory_dir_of_another_manager_is_refused(tmp_path, locomo_available, ti
 
 def test_results_sum_the_manager_ops(tmp_path, locomo_available, tiny_policy):
     from mr1.agents.pipeline import load_memory
-    from mr1.metrics_io import op_counts_from_results
+    from mr1.eval.plots import op_counts_from_results
 
     ev = _module("evaluate")
     config = _memory_config(split="test", max_conversations=2, max_questions=0)

@@ -1,4 +1,5 @@
-"""metrics_io: CSV round trip and resume, process gating, TFRecord/Event encoding, plots."""
+"""metrics_io: CSV round trip and resume, process gating, TensorBoard events (tensorboardX),
+plots."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from mr1 import metrics_io
+from mr1.eval import plots
 from mr1.metrics_io import MetricsWriter, plot_curves, read_csv, read_events
 
 
@@ -21,11 +23,6 @@ def _write_run(workdir, steps=range(1, 6), val_every=2, **kwargs):
             if s % val_every == 0:
                 w.write(s, {"val_f1": s / 10})
     return w
-
-
-def test_crc32c_check_value():
-    assert metrics_io.crc32c(b"123456789") == 0xE3069283
-    assert metrics_io.crc32c(b"") == 0
 
 
 def test_csv_round_trip_with_late_column_and_nonfinite(tmp_path):
@@ -123,7 +120,6 @@ def test_tensorboard_corruption_detected(tmp_path):
 
 
 def test_event_file_readable_by_tensorboardx_protos(tmp_path):
-    pytest.importorskip("tensorboardX", reason="tensorboardX is an optional cross-check")
     from tensorboardX.proto import event_pb2
     from tensorboardX.record_writer import masked_crc32c
 
@@ -148,7 +144,8 @@ def test_event_file_readable_by_tensorboardx_protos(tmp_path):
 
 
 def test_reads_tensorboardx_written_events(tmp_path):
-    tbx = pytest.importorskip("tensorboardX", reason="tensorboardX is an optional cross-check")
+    import tensorboardX as tbx
+
     with tbx.SummaryWriter(str(tmp_path)) as w:
         for step in range(3):
             w.add_scalar("x/y", step * 0.5, step)
@@ -157,7 +154,6 @@ def test_reads_tensorboardx_written_events(tmp_path):
 
 
 def test_event_file_loads_in_tensorboard(tmp_path):
-    pytest.importorskip("tensorboardX", reason="tensorboardX is an optional cross-check")
     loader_mod = pytest.importorskip(
         "tensorboard.backend.event_processing.event_file_loader",
         reason="tensorboard's event reader is not installed")
@@ -193,15 +189,15 @@ def test_plot_op_distribution_and_counts_from_results(tmp_path):
     results.write_text(json.dumps({"memory_ops": {
         "ops": {"ADD": 7, "UPDATE": 2, "NOOP": 5}, "invalid": {"no_operation": 3},
         "refused": {"not_valid": 1}, "facts": 15, "manager_calls": 15, "invalid_rate": 4 / 15}}))
-    counts = metrics_io.op_counts_from_results(results)
+    counts = plots.op_counts_from_results(results)
     # 3 of the 5 NOOPs were invalid outputs; + 1 bank refusal: every emitted op counted once
     assert counts == {"ADD": 7, "UPDATE": 2, "DELETE": 0, "NOOP": 2, "INVALID": 4}
     assert sum(counts.values()) == 7 + 2 + 5 + 1
-    png = metrics_io.plot_op_distribution(
+    png = plots.plot_op_distribution(
         {"prompted manager": counts, "GRPO manager": {"ADD": 3, "NOOP": 1}},
         tmp_path / "plots" / "ops.png", title="ops")
     data = Path(png).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     results.write_text(json.dumps({"memory_ops": None}))   # a rag / full_context run
     with pytest.raises(ValueError, match="no memory_ops"):
-        metrics_io.op_counts_from_results(results)
+        plots.op_counts_from_results(results)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mr1.agents.answer import _markers, _strip_markers, parse_answer
 from mr1.memory import bank as mb
-from mr1.memory.ops import (MAX_OPS_PER_REPLY, ParseResult, Reason, ops_to_actions, parse_ops)
+from mr1.memory.ops import (MAX_OPS_PER_REPLY, Reason, ops_to_actions, parse_ops)
 
 OpCode = mb.OpCode
 TOKENIZE = lambda s: [ord(c) % 50 + 1 for c in s]  # noqa: E731

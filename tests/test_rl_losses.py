@@ -219,12 +219,18 @@ def test_entropy_and_token_logprobs():
 
 # ------------------------------------------------------------------ registry
 def test_registry():
-    assert L.get_loss("grpo") is L.grpo_loss
-    assert {"grpo", "ppo_actor", "ppo_value"} <= set(L.LOSSES)
-    with pytest.raises(KeyError, match="unknown loss 'nope'.*grpo"):
-        L.get_loss("nope")
-    with pytest.raises(ValueError):
-        L.register_loss("grpo")(lambda: None)
+    from mr1.rl import train_step as TS
+
+    assert TS.OBJECTIVES.get("grpo") is TS.grpo_objective
+    assert {"grpo", "ppo"} <= set(TS.OBJECTIVES)
+    with pytest.raises(KeyError, match="unknown objective 'nope'; available: .*grpo"):
+        TS.OBJECTIVES.get("nope")
+    with pytest.raises(ValueError, match="objective 'grpo' already registered"):
+        TS.register_objective("grpo")(lambda: None)
+    assert R.get_reward("em") is R.em_reward
+    with pytest.raises(ValueError, match="reward 'em' already registered"):
+        R.register_reward("em")(lambda *a: 0.0)
+    assert not hasattr(L, "LOSSES")  # one registry of objectives, no dead one beside it
     with pytest.raises(ValueError):
         L.grpo_loss(*_inputs()[:4], _inputs()[4], agg="bad")
     with pytest.raises(ValueError):

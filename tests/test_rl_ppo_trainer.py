@@ -1,7 +1,6 @@
-"""The PPO trainer end to end on the tiny config (in process): rollout -> value pass -> GAE ->
-update, twice, with the critic and actor learning; and the update batch that reuses the value
-pass's device arrays (only advantages / returns / old values are sent again) equals a batch
-sent whole."""
+"""The PPO trainer end to end on the tiny config (in process): rollout -> one jitted step (value
+pass, GAE, update), twice, with the critic and actor learning; the host sends the rollout and
+its rewards only."""
 
 import jax
 import numpy as np
@@ -9,7 +8,8 @@ import pytest
 
 from mr1.rl import rewards
 from mr1.rl.answer_task import AnswerTask
-from mr1.rl.trainer import Trainer, load_policy_from_config, prepare_workdir
+from mr1.models.trained import load_policy_from_config
+from mr1.rl.trainer import Trainer, prepare_workdir
 from tests.rl_driver import HashEmbedder, make_config, toy_reward
 
 
@@ -27,20 +27,17 @@ def ppo_trainer(tmp_path_factory):
     return Trainer(config, workdir, policy, task, log=lambda s: None)
 
 
-def test_update_batch_reuses_the_value_pass_arrays(ppo_trainer):
+def test_ppo_step_is_one_device_program(ppo_trainer):
+    """The PPO trainer's runner holds the critic; its step sends the rollout and the rewards
+    and reads back scalar metrics only (GAE, values and advantages stay on the devices; their
+    equality with the host GAE of before is tests/test_rl_runner.py's)."""
     t = ppo_trainer
+    assert t.step_fn.sc.estimator == "gae" and "value_head" in t.state.params
     arrays, _ = t.rollout(0)
-    arrays, sent = t.advantages(arrays)
-    assert sent is not None and arrays["advantages"].shape == arrays["tokens"].shape
-    fields = ("advantages", "returns", "old_values")
-    reused = t._to_batch(arrays, sent, fields)
-    whole = t._to_batch(arrays)
-    for name in whole.__dataclass_fields__:
-        np.testing.assert_array_equal(np.asarray(getattr(reused, name)),
-                                      np.asarray(getattr(whole, name)), err_msg=name)
-        if name not in fields:  # the same device arrays, not a second transfer
-            assert getattr(reused, name) is getattr(sent, name)
-    assert np.abs(np.asarray(reused.advantages)).sum() > 0
+    batch, rewards = t.step_fn.device_batch(arrays)
+    assert batch.advantages is None and batch.returns is None and batch.old_values is None
+    np.testing.assert_array_equal(np.asarray(rewards).ravel(), arrays["rewards"])
+    assert np.std(arrays["rewards"]) > 0  # the toy reward varies: a real advantage signal
 
 
 def test_ppo_runs_and_learns(ppo_trainer):

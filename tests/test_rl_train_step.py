@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,8 +93,7 @@ def test_microbatching_gives_the_global_batch_update(agg):
     assert float(m1["grad_norm"]) > 0
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
-    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    chex.assert_trees_all_close(s1.params, s4.params, atol=1e-6, rtol=0)
 
 
 @pytest.mark.device
@@ -102,8 +102,7 @@ def test_equal_rewards_give_zero_gradient():
     a["advantages"] = np.asarray(group_advantages(np.full(P * G, 0.7, np.float32), G))
     state, m = _sgd_update(pol, a, 2)
     assert float(m["grad_norm"]) == 0.0
-    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(pol.params)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(state.params["policy"], pol.params)
 
 
 @pytest.mark.device
@@ -116,9 +115,8 @@ def test_nan_loss_skips_the_update():
     state1, m = fn(jax.tree.map(jnp.copy, state0), TS.split_microbatches(a, P, G, 2))
     assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
     assert int(state1.step) == 1
-    for x, y in zip(jax.tree.leaves((state1.params, state1.opt_state)),
-                    jax.tree.leaves((state0.params, state0.opt_state))):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal((state1.params, state1.opt_state),
+                                (state0.params, state0.opt_state))
     # and the next finite batch updates normally
     a["advantages"][3] = 0.0
     state2, m2 = fn(state1, TS.split_microbatches(a, P, G, 2))
@@ -181,18 +179,24 @@ _MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+def run_on_8_devices(script: str, timeout: float = 900) -> dict:
+    """Runs ``script`` in a subprocess with 8 forced CPU devices; returns the JSON it prints
+    after ``RESULT``."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=timeout, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.split("RESULT", 1)[1])
+
+
 def test_update_on_8_devices_equals_single_device():
     """One update on 8 CPU devices (batch split 8 ways with params replicated, then FSDP-sharded;
     then a (data 2, fsdp 2, tp 2) mesh: batch split 4 ways, weights split over fsdp and tp)
     equals the 1-device update (4 micro-batches there): parameters within 1e-5 (1% of the
     1e-3 Adam step; Adam's first step is lr * g / (|g| + eps), so a gradient that is float
     noise away from zero can move a few 1e-6 when the reduction order changes), loss 1e-5."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", _MULTI_DEVICE.format(root=ROOT)], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = run_on_8_devices(_MULTI_DEVICE.format(root=ROOT))
     base = np.asarray(out["1-replicated"]["params"])
     for key in ("8-replicated", "8-fsdp", "8-data2-fsdp2-tp2"):
         assert out[key]["devices"] == 8

@@ -6,11 +6,17 @@
 
 Synthetic GRPO shapes: P prompts x G samples, prompts left-padded to T_p (prompt ``p`` has
 ``round(p / (P-1) * max_pad * T_p)`` pad tokens, so prompt 0 is full), completions of T_c
-tokens, all real. Two phases, each timed as the median of ``--repeats`` calls after one warm-up
+tokens, all real. Phases, each timed as the median of ``--repeats`` calls after one warm-up
 (compile) call:
 
 * update: ``mr1.rl.train_step.make_update`` with ``LossConfig()`` (GRPO) and ``make_optimizer``
-  (AdamW), the batch built by ``split_microbatches`` (``P / microbatch_prompts`` micro-batches);
+  (AdamW), the batch built by ``split_microbatches`` (``P / microbatch_prompts`` micro-batches)
+  and already on the device;
+* step: what the trainer does after the rewards, from host arrays to new params, two ways in one
+  run: ``pre-refactor`` (the trainer before ``mr1.rl.runner``: group advantages computed on the
+  host, the batch sent, ``make_update``) and ``make_train_step`` (the rollout and rewards sent in
+  one transfer, advantages and the update in one jitted program; ``--epochs`` x
+  ``--minibatches`` optimizer steps, 1 x 1 = the same update);
 * rollout: ``mr1.sampling.sample_padded`` with ``SamplingConfig(max_new_tokens=T_c,
   temperature=1.0, num_samples=G)`` and no EOS ids (config and tokenizer), so every row decodes
   exactly T_c tokens (checked).
@@ -47,6 +53,8 @@ from common import (
 )
 
 from mr1.models import load_policy
+from mr1.rl.advantages import group_advantages
+from mr1.rl.runner import make_train_step
 from mr1.rl.train_step import (
     LossConfig,
     init_train_state,
@@ -68,7 +76,9 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
 _MAX_PAD = flags.DEFINE_float("max_pad", 0.25,
                               "left padding of the last prompt, as a fraction of T_p")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-6, "AdamW learning rate")
-_PHASES = flags.DEFINE_list("phases", ["update", "rollout"], "phases to time")
+_PHASES = flags.DEFINE_list("phases", ["update", "step", "rollout"], "phases to time")
+_EPOCHS = flags.DEFINE_integer("epochs", 1, "make_train_step: passes over the batch")
+_MINIBATCHES = flags.DEFINE_integer("minibatches", 1, "make_train_step: optimizer steps per pass")
 _SEED = flags.DEFINE_integer("seed", 0, "synthetic data / sampling seed")
 
 UPDATE_MFU_TARGET = 0.40  # the issue's target for the update
@@ -142,6 +152,54 @@ def bench_update(policy, arrays, p, g, mb, lr, repeats, loss_cfg=None, seed=0):
     return compile_s, s, metrics
 
 
+def step_config(p, g, mb, lr, epochs, minibatches):
+    """The GRPO run config whose train step is ``LossConfig()`` + ``make_optimizer(lr)``."""
+    import pathlib
+    import runpy
+
+    path = (pathlib.Path(__file__).resolve().parents[1] / "configs" /
+            "locomo_smollm2_135m_grpo.py")
+    c = runpy.run_path(str(path))["get_config"]()
+    c.rollout.prompts_per_step, c.rollout.group_size, c.rollout.microbatch_prompts = p, g, mb
+    c.optim.learning_rate, c.optim.warmup_steps = lr, 0
+    c.optim.epochs, c.optim.minibatches = epochs, minibatches
+    c.loss.normalize_std = True
+    c.parallel.num_devices = 1
+    return c
+
+
+def bench_step_pre_refactor(policy, arrays, rewards, p, g, mb, lr, repeats):
+    """The trainer's step after the rewards before mr1.rl.runner: host advantages, one
+    transfer of the batch, ``make_update``."""
+    optimizer = make_optimizer(lr)
+    params = {"policy": jax.tree.map(jnp.array, policy.params)}
+    box = {"state": init_train_state(params, optimizer, _SEED.value)}
+    update = make_update(policy.config, LossConfig(), optimizer)
+    host = {k: v for k, v in arrays.items() if k != "advantages"}
+
+    def step():
+        host["advantages"] = np.asarray(group_advantages(rewards, g))
+        batch = jax.device_put(split_microbatches(host, p, g, mb))
+        box["state"], m = update(box["state"], batch)
+        jax.device_get(m)
+
+    return warm_and_time(step, repeats)
+
+
+def bench_step_runner(policy, arrays, rewards, p, g, mb, lr, epochs, minibatches, repeats):
+    """``make_train_step``: rollout + rewards in, new runner state and metrics out."""
+    step_fn = make_train_step(step_config(p, g, mb, lr, epochs, minibatches), policy.config,
+                              log=lambda s: None)
+    box = {"runner": step_fn.init(policy), "m": {}}
+    host = {**{k: v for k, v in arrays.items() if k != "advantages"}, "rewards": rewards}
+
+    def step():
+        box["runner"], box["m"] = step_fn(box["runner"], host)
+
+    compile_s, s = warm_and_time(step, repeats)
+    return compile_s, s, box["m"]
+
+
 def bench_rollout(policy, arrays, g, t_c, seed, repeats):
     # No EOS ids anywhere (Policy.eos_token_ids merges config and tokenizer ids): drop the
     # tokenizer and keep its pad id in the config, so every row decodes t_c tokens.
@@ -170,9 +228,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     p, g, t_p, t_c = _PROMPTS.value, _GROUP.value, _PROMPT_LEN.value, _COMPLETION_LEN.value
     mb, repeats = _MICROBATCH.value, _REPEATS.value
-    unknown = set(_PHASES.value) - {"update", "rollout"}
+    unknown = set(_PHASES.value) - {"update", "step", "rollout"}
     if unknown:
-        raise app.UsageError(f"unknown phases {sorted(unknown)}; known: update, rollout")
+        raise app.UsageError(f"unknown phases {sorted(unknown)}; known: update, step, rollout")
 
     peak = matmul_peak_gflops()
     policy = load_policy(_MODEL.value)
@@ -210,6 +268,19 @@ def main(argv):
                 f">= {100 * UPDATE_MFU_TARGET:.0f}% ({met}); warm-up {compile_s:.1f} s; "
                 f"loss {m['loss']:.3g}, skipped {m['skipped']:.0f}")
         rows.append(("update (GRPO)", s, flops, note))
+    if "step" in _PHASES.value:
+        rewards = np.random.default_rng(_SEED.value + 1).random(p * g).astype(np.float32)
+        e, k = _EPOCHS.value, _MINIBATCHES.value
+        flops = update_flops(cfg, lengths, g, t_c)
+        compile_s, s = bench_step_pre_refactor(policy, arrays, rewards, p, g, mb,
+                                               _LEARNING_RATE.value, repeats)
+        rows.append(("step, pre-refactor (host adv + make_update)", s, flops,
+                     f"warm-up {compile_s:.1f} s"))
+        compile_s, s, m = bench_step_runner(policy, arrays, rewards, p, g, mb,
+                                            _LEARNING_RATE.value, e, k, repeats)
+        rows.append((f"step, make_train_step ({e} x {k})", s, e * flops,
+                     f"{e * k} optimizer steps; warm-up {compile_s:.1f} s; loss {m['loss']:.3g}, "
+                     f"clip_frac {m['clip_frac']:.3g}, skipped {m['skipped']:.0f}"))
     if "rollout" in _PHASES.value:
         compile_s, s = bench_rollout(policy, arrays, g, t_c, _SEED.value, repeats)
         flops = rollout_flops(cfg, lengths, g, t_c)

@@ -65,6 +65,8 @@ def get_config():
     c.loss.agg = "token_mean"           # token_mean | seq_mean_token_mean | seq_mean_token_sum
     c.loss.normalize_std = False        # False = Dr. GRPO, r - mean (the best-validation run's;
                                         # docs/training.md); True = GRPO, (r - mean) / std
+    c.loss.advantage_estimator = ""     # mr1.rl.advantages.ESTIMATORS: grpo | drgrpo | rloo |
+                                        # gae; "" = the algo's (GRPO: per normalize_std; PPO: gae)
     c.loss.max_grad_norm = 1.0          # global-norm clip
     c.loss.entropy_coef = 0.0           # PPO entropy bonus
     c.loss.vf_coef = 0.5                # PPO value-loss weight
@@ -80,6 +82,10 @@ def get_config():
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
+    c.optim.epochs = 1                  # passes over each rollout batch (VERL's ppo_epochs)
+    c.optim.minibatches = 1             # optimizer steps per pass: the batch's prompts (with
+                                        # their groups) shuffled and split this many ways; 1 x 1
+                                        # = one step per rollout (the clip never binds)
 
     c.lora = ml_collections.ConfigDict()  # mr1.models.lora; rank 0 = full fine-tuning
     c.lora.rank = 0                     # > 0: train rank-r adapters on a frozen base

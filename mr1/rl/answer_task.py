@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
 from typing import Mapping, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
 from mr1.agents.answer import AnswerAgent, parse_answer
-from mr1.agents.pipeline import MemoryBuilder, PipelineConfig, build_all, select_locomo
+from mr1.agents.pipeline import MemoryBuilder, PipelineConfig, build_all
+from mr1.data.select import select_locomo
 from mr1.eval import metrics as M
 from mr1.rl.rewards import combined_reward
-from mr1.sampling import SamplingConfig, decode, encode_prompts, left_pad, sample_padded
+from mr1.rl.rollout import greedy_texts, sample_and_score, sampling_metrics  # noqa: F401
+from mr1.sampling import SamplingConfig, encode_prompts, left_pad
 
 __all__ = ["PromptSet", "build_prompt_set", "score_answers", "AnswerTask", "greedy_texts",
            "PAD_MULTIPLE"]
@@ -96,20 +96,6 @@ def score_answers(texts: Sequence[str], golds: Sequence[str],
     return out
 
 
-def greedy_texts(policy, params, ids: np.ndarray, mask: np.ndarray, cfg: SamplingConfig,
-                 batch_size: int) -> list[str]:
-    """Greedy completions of left-padded prompts ``[N, T]`` in batches of ``batch_size``; the
-    last batch wraps around so one compiled shape serves every call."""
-    texts: list[str] = []
-    n = len(ids)
-    for s in range(0, n, batch_size):
-        idx = np.arange(s, s + batch_size) % n
-        tok, _, lens = sample_padded(policy, ids[idx], mask[idx], jax.random.PRNGKey(0), cfg,
-                                     params=params)
-        texts += decode(policy, tok, lens)[: min(batch_size, n - s)]
-    return texts
-
-
 def answer_metrics(texts: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
     """F1 / BLEU-1 / EM in percent and the answer-line rate of answer-agent outputs."""
     parsed = [parse_answer(t) for t in texts]
@@ -157,38 +143,23 @@ class AnswerTask:
     def __len__(self) -> int:
         return len(self.train_set)
 
-    def rollout(self, policy, params, idx, key, cfg: SamplingConfig) -> tuple[dict, dict]:
-        ts, g = self.train_set, cfg.num_samples
-        t0 = time.time()
-        tokens, logp, lengths = sample_padded(policy, ts.ids[idx], ts.mask[idx], key, cfg,
-                                              params=params)
-        rollout_s = time.time() - t0
-        texts = decode(policy, tokens, lengths)
-        golds = [ts.golds[i] for i in idx for _ in range(g)]
+    def score(self, idx, texts, group: int) -> tuple[np.ndarray, dict]:
+        """Rewards of ``texts`` (``group`` consecutive answers per question of ``idx``) and
+        their EM / F1 / answer-line rates."""
+        golds = [self.train_set.golds[i] for i in idx for _ in range(group)]
         scores = score_answers(texts, golds, self.reward_weights)
-        cmask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
-        arrays = {"prompt_ids": ts.ids[idx], "prompt_mask": ts.mask[idx], "tokens": tokens,
-                  "completion_mask": cmask, "old_logp": logp, "rewards": scores["reward"]}
-        prompt_tok = int(ts.mask[idx].sum())
-        metrics = {"reward_mean": float(np.mean(scores["reward"])),
-                   "reward_std": float(np.std(scores["reward"])),
-                   "em_mean": float(scores["em"].mean()), "f1_mean": float(scores["f1"].mean()),
-                   "answer_line_frac": float(scores["answer_line"].mean()),
-                   **sampling_metrics(lengths, tokens.shape[1], prompt_tok, rollout_s)}
-        return arrays, metrics
+        return scores["reward"], {"em_mean": float(scores["em"].mean()),
+                                  "f1_mean": float(scores["f1"].mean()),
+                                  "answer_line_frac": float(scores["answer_line"].mean())}
+
+    def rollout(self, policy, params, idx, key, cfg: SamplingConfig) -> tuple[dict, dict]:
+        """:func:`mr1.rl.rollout.sample_and_score` on the training questions ``idx``."""
+        ts = self.train_set
+        return sample_and_score(policy, params, ts.ids[idx], ts.mask[idx], key, cfg,
+                                lambda texts: self.score(idx, texts, cfg.num_samples))
 
     def validate(self, policy, params, cfg: SamplingConfig) -> dict:
         """Greedy answers on the validation prompts: F1 / BLEU-1 / EM in percent."""
         vs = self.val_set
         texts = greedy_texts(policy, params, vs.ids, vs.mask, cfg, self.eval_batch_size)
         return {f"val_{k}": v for k, v in answer_metrics(texts, vs.golds).items()}
-
-
-def sampling_metrics(lengths: np.ndarray, budget: int, prompt_tokens: int,
-                     seconds: float) -> dict[str, float]:
-    """Completion length, truncation rate and sampler throughput of one rollout."""
-    n_new = int(lengths.sum())
-    return {"completion_len": float(lengths.mean()),
-            "truncated_frac": float(np.mean(lengths >= budget)),
-            "rollout_s": seconds, "rollout_tok_s": (n_new + prompt_tokens) / seconds,
-            "rollout_new_tok_s": n_new / seconds}

@@ -7,6 +7,8 @@ with ``MR1_DISTRIBUTED=1``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,19 +16,10 @@ from mr1.entry import run_main
 from mr1.parallel import maybe_initialize_distributed
 
 
-def run_answer_trainer(algo: str, default_workdir: str) -> None:
-    """Defines the flags, parses them and trains the Answer Agent with ``algo``."""
-    run_trainer(algo, default_workdir, "mr1.rl.trainer:train")
-
-
-def run_memory_trainer(algo: str, default_workdir: str) -> None:
-    """Defines the flags, parses them and trains the Memory Manager with ``algo``."""
-    run_trainer(algo, default_workdir, "mr1.rl.memory_task:train_memory")
-
-
-def run_trainer(algo: str, default_workdir: str, train_fn: str) -> None:
-    """Defines the flags, parses them and calls ``train_fn`` (``module:function``, imported
-    after the flags are parsed) with the config and workdir."""
+def run_trainer(train_fn: Callable[..., dict], algo: str, default_workdir: str) -> None:
+    """Defines the flags, parses them and calls ``train_fn(config, workdir)`` (e.g.
+    :func:`mr1.rl.trainer.train`, :func:`mr1.rl.memory_task.train_memory`); the config must
+    have ``algo == algo``."""
     config_flag = config_flags.DEFINE_config_file("config", None, "training config",
                                                   lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", default_workdir,
@@ -41,9 +34,7 @@ def run_trainer(algo: str, default_workdir: str, train_fn: str) -> None:
         if config.algo != algo:
             raise app.UsageError(f"this entry point trains algo={algo!r}; the config has "
                                  f"algo={config.algo!r}")
-        import importlib
-        module, name = train_fn.split(":")
-        getattr(importlib.import_module(module), name)(config, workdir_flag.value)
+        train_fn(config, workdir_flag.value)
 
     flags.mark_flags_as_required(["config"])
     run_main(main)  # user errors: one line, exit 2 (mr1.entry)

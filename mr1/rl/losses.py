@@ -2,8 +2,8 @@
 
 Losses never see a model: they take float32 log-prob arrays ``[B, T]`` (B sequences, T
 response tokens) plus a ``[B, T]`` mask (1 = response token, 0 = prompt/padding) and return
-``(loss, aux)`` where ``aux`` is a dict of scalar metrics. They are chosen by name from
-:data:`LOSSES` (:func:`register_loss`, :func:`get_loss`). Conventions follow tunix
+``(loss, aux)`` where ``aux`` is a dict of scalar metrics. The train step picks the
+objective that combines them by name (:data:`mr1.rl.train_step.OBJECTIVES`). Conventions follow tunix
 ``rl/algo_core.py``: math in float32, the log-ratio clipped *before* ``exp``, and an explicit
 token aggregation mode:
 
@@ -24,38 +24,14 @@ KL estimators of ``KL(pi || pi_ref)`` from samples of ``pi`` (Schulman's k1/k2/k
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LOSSES", "register_loss", "get_loss", "aggregate", "kl_penalty", "grpo_loss",
-           "ppo_actor_loss", "ppo_value_loss", "entropy_from_logits", "token_logprobs",
+__all__ = ["aggregate", "kl_penalty", "grpo_loss", "ppo_actor_loss", "ppo_value_loss", "entropy_from_logits", "token_logprobs",
            "AGG_MODES", "KL_ESTIMATORS"]
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-LOSSES: dict[str, Callable] = {}
-
-
-def register_loss(name: str) -> Callable[[Callable], Callable]:
-    """Decorator adding a loss to :data:`LOSSES` under ``name`` (duplicates are an error)."""
-    def deco(fn: Callable) -> Callable:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} already registered")
-        LOSSES[name] = fn
-        return fn
-    return deco
-
-
-def get_loss(name: str) -> Callable:
-    """The loss registered as ``name``; KeyError naming the available ones otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise KeyError(f"unknown loss {name!r}; available: {sorted(LOSSES)}") from None
-
 
 def _f32(x) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
@@ -110,7 +86,6 @@ def _clipped_surrogate(logp, old_logp, adv, mask, *, clip_eps_low, clip_eps_high
     return pg, aux
 
 
-@register_loss("grpo")
 def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
               advantages: jax.Array, mask: jax.Array, *, clip_eps_low: float = 0.2,
               clip_eps_high: float = 0.2, kl_beta: float = 0.04, kl_estimator: str = "k3",
@@ -152,7 +127,6 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None,
     return aggregate(per_token, mask, agg), aux
 
 
-@register_loss("ppo_actor")
 def ppo_actor_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
                    mask: jax.Array, *, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2,
                    entropy: jax.Array | None = None, entropy_coef: float = 0.0,
@@ -187,7 +161,6 @@ def ppo_actor_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array,
     return aggregate(per_token, mask, agg), aux
 
 
-@register_loss("ppo_value")
 def ppo_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
                    mask: jax.Array, clip_eps: float = 0.2, *, agg: str = "token_mean"
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:

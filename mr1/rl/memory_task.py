@@ -36,7 +36,6 @@ import collections
 import dataclasses
 import functools
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -47,15 +46,17 @@ import numpy as np
 from mr1.agents import prompts as PR
 from mr1.agents.answer import parse_answer
 from mr1.agents.pipeline import (BuildStats, ConversationMemory, PipelineConfig, apply_ops,
-                                 make_tokenize, new_speaker_memory, select_locomo)
+                                 make_tokenize, new_speaker_memory)
 from mr1.data.records import Conversation
+from mr1.data.select import select_locomo
 from mr1.eval import metrics as M
 from mr1.memory import bank as B
 from mr1.memory.env import step_once
 from mr1.memory.ops import ParsedOp, op_choice_tokens, parse_op_choice, parse_ops
-from mr1.rl.answer_task import PAD_MULTIPLE, greedy_texts, sampling_metrics
+from mr1.rl.answer_task import PAD_MULTIPLE
 from mr1.rl.rewards import combined_reward
-from mr1.sampling import SamplingConfig, decode, encode_prompts, left_pad, sample_padded
+from mr1.rl.rollout import greedy_texts, sample_and_score
+from mr1.sampling import SamplingConfig, encode_prompts, left_pad
 
 __all__ = ["ManagerSample", "ManagerData", "ManagerTask", "temporal_memory", "prefix_bank",
            "build_manager_data", "apply_sample_ops", "first_op", "OP_NAMES", "train_memory"]
@@ -470,29 +471,20 @@ class ManagerTask:
                             self.answer_batch_size)
 
     # -- RLTask
+    def score(self, idx, texts, group: int) -> tuple[np.ndarray, dict]:
+        """Rewards of training outputs ``texts`` (:meth:`score_outputs`) and their answers'
+        EM / F1, the op distribution and the invalid-op rate."""
+        scores = self.score_outputs(self.train, idx, texts, group)
+        return scores["reward"], {"em_mean": float(scores["em"].mean()),
+                                  "f1_mean": float(scores["f1"].mean()),
+                                  "invalid_frac": float(scores["invalid"].mean()),
+                                  **op_fractions(scores, prefix="op_"),
+                                  "answer_prompts": float(scores["num_answer_prompts"])}
+
     def rollout(self, policy, params, idx, key, cfg: SamplingConfig) -> tuple[dict, dict]:
-        g = cfg.num_samples
-        t0 = time.time()
-        tokens, logp, lengths = sample_padded(policy, self.train_ids[idx], self.train_mask[idx],
-                                              key, cfg, params=params)
-        rollout_s = time.time() - t0
-        texts = decode(policy, tokens, lengths)
-        t1 = time.time()
-        scores = self.score_outputs(self.train, idx, texts, g)
-        reward_s = time.time() - t1
-        cmask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.float32)
-        arrays = {"prompt_ids": self.train_ids[idx], "prompt_mask": self.train_mask[idx],
-                  "tokens": tokens, "completion_mask": cmask, "old_logp": logp,
-                  "rewards": scores["reward"]}
-        metrics = {"reward_mean": float(np.mean(scores["reward"])),
-                   "reward_std": float(np.std(scores["reward"])),
-                   "em_mean": float(scores["em"].mean()), "f1_mean": float(scores["f1"].mean()),
-                   "invalid_frac": float(scores["invalid"].mean()),
-                   **op_fractions(scores, prefix="op_"),
-                   "answer_prompts": float(scores["num_answer_prompts"]), "reward_s": reward_s,
-                   **sampling_metrics(lengths, tokens.shape[1],
-                                      int(self.train_mask[idx].sum()), rollout_s)}
-        return arrays, metrics
+        """:func:`mr1.rl.rollout.sample_and_score` on the training facts ``idx``."""
+        return sample_and_score(policy, params, self.train_ids[idx], self.train_mask[idx], key,
+                                cfg, lambda texts: self.score(idx, texts, cfg.num_samples))
 
     def validate(self, policy, params, cfg: SamplingConfig) -> dict:
         """Greedy manager outputs on the validation facts, scored like the rollouts."""
@@ -535,7 +527,7 @@ def load_answer_params(config, policy, log=print):
     if not ckpt:
         log("frozen Answer Agent: the base model (answer.checkpoint is empty)")
         return policy.params
-    from mr1.rl.trainer import load_trained_params, run_config
+    from mr1.models.trained import load_trained_params, run_config
     log(f"frozen Answer Agent: {ckpt}")
     return load_trained_params(ckpt, policy.params, run=run_config(ckpt))
 
@@ -543,7 +535,8 @@ def load_answer_params(config, policy, log=print):
 def train_memory(config, workdir, *, policy=None, embedder=None, answer_fn=None,
                  log=print) -> dict:
     """Builds the Memory Manager task from ``config`` and runs (or resumes) training."""
-    from mr1.rl.trainer import build_then_train, load_policy_from_config, prepare_workdir
+    from mr1.models.trained import load_policy_from_config
+    from mr1.rl.trainer import build_then_train, prepare_workdir
 
     workdir = prepare_workdir(config, workdir)
     policy = policy or load_policy_from_config(config)

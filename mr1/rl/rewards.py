@@ -22,6 +22,7 @@ import re
 from typing import Callable, Mapping
 
 from mr1.eval import metrics
+from mr1.registry import Registry
 
 __all__ = ["REWARDS", "register_reward", "get_reward", "em_reward", "f1_reward",
            "format_reward", "brevity_reward", "combined_reward", "MAX_ANSWER_WORDS"]
@@ -29,28 +30,12 @@ __all__ = ["REWARDS", "register_reward", "get_reward", "em_reward", "f1_reward",
 MAX_ANSWER_WORDS = 6
 
 RewardFn = Callable[..., float]
-REWARDS: dict[str, RewardFn] = {}
+REWARDS = Registry("reward")
+register_reward = REWARDS.register  # decorator: @register_reward("name")
+get_reward = REWARDS.get            # the reward registered as a name (KeyError naming the rest)
 
 # `**Answer:**` at the start of a line (leading spaces allowed), answer = rest of that line.
 _ANSWER_LINE = re.compile(r"^[ \t]*\*\*Answer:\*\*[ \t]*(.*)$", re.MULTILINE)
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator adding a reward function to :data:`REWARDS` under ``name``."""
-    def deco(fn: RewardFn) -> RewardFn:
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} already registered")
-        REWARDS[name] = fn
-        return fn
-    return deco
-
-
-def get_reward(name: str) -> RewardFn:
-    """The reward registered as ``name``; KeyError naming the available ones otherwise."""
-    try:
-        return REWARDS[name]
-    except KeyError:
-        raise KeyError(f"unknown reward {name!r}; available: {sorted(REWARDS)}") from None
 
 
 @register_reward("em")

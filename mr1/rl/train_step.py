@@ -48,10 +48,12 @@ from mr1.models.config import ModelConfig
 from mr1.models.lora import merge_lora
 from mr1.models.transformer import KVCache
 from mr1.parallel import activation_mesh
+from mr1.registry import Registry
 from mr1.rl import losses as L
 
 __all__ = ["TrainState", "RolloutBatch", "LossConfig", "OBJECTIVES", "register_objective",
            "score_completions", "make_optimizer", "init_train_state", "make_update",
+           "update_step", "optimizer_step",
            "make_score", "init_value_head", "split_microbatches", "policy_params"]
 
 
@@ -197,16 +199,8 @@ def _token_stats(params, cfg, h, tokens, cm, with_entropy: bool, chunk: int) -> 
 # ----------------------------------------------------------------------------- objectives
 
 Objective = Callable[[dict, RolloutBatch, LossConfig], tuple[jax.Array, dict]]
-OBJECTIVES: dict[str, Objective] = {}
-
-
-def register_objective(name: str):
-    def deco(fn):
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} already registered")
-        OBJECTIVES[name] = fn
-        return fn
-    return deco
+OBJECTIVES = Registry("objective")
+register_objective = OBJECTIVES.register  # decorator: @register_objective("name")
 
 
 @register_objective("grpo")
@@ -275,11 +269,26 @@ def _is_finite_tree(tree) -> jax.Array:
 def update_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc: LossConfig,
                 optimizer: optax.GradientTransformation, frozen: Any = None,
                 lora_scale: float = 1.0) -> tuple[TrainState, dict]:
-    """One optimizer step over all micro-batches (pure; :func:`make_update` jits it).
+    """One optimizer step over all micro-batches (pure; :func:`make_update` jits it); the
+    state's ``step`` counts it.
 
     ``frozen``: the base policy params when ``state.params`` holds LoRA adapters (no gradient).
     """
-    objective = OBJECTIVES[lc.objective]
+    new_state, metrics = optimizer_step(state, batch, cfg=cfg, lc=lc, optimizer=optimizer,
+                                        frozen=frozen, lora_scale=lora_scale)
+    return new_state.replace(step=state.step + 1), metrics
+
+
+def optimizer_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc: LossConfig,
+                   optimizer: optax.GradientTransformation, frozen: Any = None,
+                   lora_scale: float = 1.0) -> tuple[TrainState, dict]:
+    """The gradient of ``batch`` (``[M, ...]``: accumulated over its ``M`` micro-batches by
+    ``lax.scan``) applied once: new params and optimizer state (``state.step`` unchanged), and
+    ``loss``, ``grad_norm``, ``skipped`` and the objective's aux metrics.
+
+    A non-finite loss, gradient or metric keeps params and optimizer state (``skipped = 1``).
+    """
+    objective = OBJECTIVES.get(lc.objective)
     total = jnp.maximum(_agg_count(batch.completion_mask, lc.agg), 1.0)
 
     def mb_loss(params, mb):
@@ -314,7 +323,7 @@ def update_step(state: TrainState, batch: RolloutBatch, *, cfg: ModelConfig, lc:
     updates, new_opt = optimizer.update(safe_grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+    new_state = state.replace(params=keep(new_params, state.params),
                               opt_state=keep(new_opt, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "skipped": 1.0 - ok.astype(jnp.float32), **aux}
@@ -372,12 +381,13 @@ def make_score(cfg: ModelConfig, *, with_values: bool = False,
 
 
 def split_microbatches(arrays: dict[str, np.ndarray], num_prompts: int, group_size: int,
-                       microbatch_prompts: int) -> RolloutBatch:
+                       microbatch_prompts: int, *, fill: bool = True) -> RolloutBatch:
     """Host arrays of the global batch → :class:`RolloutBatch` with a leading micro-batch axis.
 
     ``arrays`` holds prompt-level ``prompt_ids``/``prompt_mask`` ``[P, T_p]`` and sample-level
     fields ``[P*G, ...]``; missing optional fields (``ref_logp``, ``returns``, ``old_values``)
-    become zeros.
+    become zeros, or with ``fill=False`` None (the train step of :mod:`mr1.rl.runner` computes
+    them on device, so they are never sent).
     """
     if num_prompts % microbatch_prompts:
         raise ValueError(f"{num_prompts} prompts per step not divisible by micro-batch "
@@ -389,6 +399,9 @@ def split_microbatches(arrays: dict[str, np.ndarray], num_prompts: int, group_si
     fields = {}
     for f in dataclasses.fields(RolloutBatch):
         x = arrays.get(f.name)
+        if x is None and not fill:
+            fields[f.name] = None
+            continue
         if x is None:
             x = zeros
         x = np.asarray(x)
