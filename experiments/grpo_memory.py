@@ -11,7 +11,7 @@ Re-running with the same ``--workdir`` resumes from the latest checkpoint. Write
 """
 
 from mr1.rl.cli import run_trainer
-from mr1.rl.memory_task import train_memory
+from mr1.rl.episode_task import train_manager
 
 if __name__ == "__main__":
-    run_trainer(train_memory, "grpo", default_workdir="runs/grpo_memory")
+    run_trainer(train_manager, "grpo", default_workdir="runs/grpo_memory")

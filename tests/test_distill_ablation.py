@@ -213,7 +213,7 @@ def test_manager_task_frozen_answer_agent_follows_the_switch(smollm2_tiny):
     for distill in (False, True):
         agent = TMT.CatAgent()
         task = TMT.MT.ManagerTask(data, data, smollm2_tiny, TMT.EMB, TMT.CFG, {"em": 1.0}, 0.0,
-                                  max_new_tokens=8, answer_top_k=8, answer_fn=agent,
+                                  reply_max_new_tokens=8, answer_top_k=8, answer_fn=agent,
                                   answer_distill=distill)
         out = task.score_outputs(data, [TMT.TOM], outputs, group=2)
         rewards[distill] = out["reward"]

@@ -403,7 +403,7 @@ def op_data(conv, smol):
 
 def op_task(data, policy, invalid_penalty=0.0, agent=None):
     return MT.ManagerTask(data, data, policy, EMB, CFG_OP, {"em": 1.0}, invalid_penalty,
-                          max_new_tokens=8, answer_top_k=8, answer_fn=agent or TM.CatAgent())
+                          reply_max_new_tokens=8, answer_top_k=8, answer_fn=agent or TM.CatAgent())
 
 
 def test_op_task_samples_and_prompts(op_data, json_data, smol):
@@ -562,7 +562,7 @@ def test_json_op_task_forces_the_reply_and_scores_like_the_op_form(json_op_data,
     assert json_op_data.samples == op_data.samples
     assert json_op_data.prompts == json_data.prompts
     task = MT.ManagerTask(json_op_data, json_op_data, smol, EMB, CFG_JSON_OP, {"em": 1.0}, 0.0,
-                          max_new_tokens=8, answer_top_k=8, answer_fn=TM.CatAgent())
+                          reply_max_new_tokens=8, answer_top_k=8, answer_fn=TM.CatAgent())
     assert task.max_new_tokens == 1
     assert task.allowed_tokens == op_choice_tokens(make_tokenize(smol))
     tail = list(smol.tokenizer(PR.JSON_EVENT_PREFIX, add_special_tokens=False)["input_ids"])

@@ -261,7 +261,7 @@ def make_task(task_data, policy, invalid_penalty=0.0, agent=None):
     # answer_top_k covers every memory, so the answer prompt shows the whole bank and the
     # reward depends on the op only (HashEmbedder's ranking of the question plays no part)
     return MT.ManagerTask(task_data, task_data, policy, EMB, CFG, {"em": 1.0}, invalid_penalty,
-                          max_new_tokens=8, answer_top_k=8, answer_fn=agent or CatAgent())
+                          reply_max_new_tokens=8, answer_top_k=8, answer_fn=agent or CatAgent())
 
 
 def op_json(event, id_="0", text=""):

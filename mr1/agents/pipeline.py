@@ -301,9 +301,11 @@ class MemoryBuilder:
             for j, i in enumerate(rows):
                 retrieved[i] = [int(s) for s, ok in zip(r.indices[j], r.mask[j]) if ok]
         shown = [retrieved[i] for i in range(len(kept))]
+        used = {id(m): int(np.asarray(m.bank.valid).sum()) for m, _ in kept}
         prompts = [P.memory_manager_prompt(
             mem.name, fact, [(d, mem.texts[s] or "") for d, s in enumerate(slots)],
-            form=self.cfg.manager_format) for (mem, fact), slots in zip(kept, shown)]
+            form=self.cfg.manager_format, used=used[id(mem)], capacity=self.cfg.num_slots)
+            for (mem, fact), slots in zip(kept, shown)]
         return prompts, shown
 
     def _llm_manage_many(self, sessions):

@@ -107,6 +107,19 @@ New fact: {fact}
 Reply with one word: ADD if the fact is new information, UPDATE if it adds to memory [0] \
 (they are merged), DELETE if it contradicts memory [0], NONE if it is already known."""
 
+MEMORY_MANAGER_OP_BUDGET = """You manage the memory of {speaker}. It holds {used} of at most \
+{capacity} memories; when it is full, ADD is refused. Compare the new fact with the existing \
+memories, most similar first.
+
+Existing memories:
+{memories}
+
+New fact: {fact}
+
+Reply with one word: ADD to store the fact as a new memory, UPDATE to merge it into memory \
+[0], DELETE to remove memory [0] (it is wrong or outdated), NONE to keep the fact out (already \
+known or not worth a slot)."""  # the "op" form plus the budget (issue 20: memory under a budget)
+
 JSON_EVENT_PREFIX = '{"memory": [{"event": "'  # the "json_op" reply, up to the op word
 
 
@@ -131,6 +144,8 @@ MANAGER_FORMS: dict[str, ManagerForm] = {
     "json": ManagerForm(MEMORY_MANAGER),              # the paper's (Mem0's) JSON reply
     "line": ManagerForm(MEMORY_MANAGER_LINE),         # one op line
     "op": ManagerForm(MEMORY_MANAGER_OP, choice=True),  # one op word, its own short prompt
+    # the "op" form that also sees how full the bank is (``used`` / ``capacity``)
+    "op_budget": ManagerForm(MEMORY_MANAGER_OP_BUDGET, choice=True),
     # the paper's JSON prompt, its reply forced to '{"memory": [{"event": "' and the event
     # constrained to an op word: the prompted JSON manager with every reply a valid op
     "json_op": ManagerForm(MEMORY_MANAGER, choice=True, reply_prefix=JSON_EVENT_PREFIX),
@@ -147,11 +162,16 @@ def manager_form(name: str) -> ManagerForm:
 
 
 def memory_manager_prompt(speaker: str, fact: str, memories: Sequence[tuple[int | str, str]],
-                          form: str = "json") -> str:
+                          form: str = "json", *, used: int | None = None,
+                          capacity: int | None = None) -> str:
     """The Memory Manager prompt (the user message); ``form`` is a key of
-    :data:`MANAGER_FORMS`."""
-    return manager_form(form).prompt.format(speaker=speaker, fact=fact,
-                                            memories=format_memories(memories))
+    :data:`MANAGER_FORMS`. ``used`` / ``capacity`` (memories in the speaker's bank, its
+    slots) fill a form that shows the budget ("op_budget"); the other forms ignore them."""
+    template = manager_form(form).prompt
+    if "{capacity}" in template and (used is None or capacity is None):
+        raise ValueError(f"manager form {form!r} shows the budget: pass used= and capacity=")
+    return template.format(speaker=speaker, fact=fact, memories=format_memories(memories),
+                           used=used, capacity=capacity)
 
 
 ANSWER_AGENT_DIRECT = _ANSWER_MEMORIES + """Reply with one line only:

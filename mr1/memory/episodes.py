@@ -14,6 +14,10 @@ inside a train step:
   ``[G, F]`` infos (equal to a Python loop over the samples, tested);
 * :func:`event_counts` -- per sample: applied ops by code, refusals, full-bank refusals,
   evictions, truncations (what the budget did);
+* :func:`apply_in_order` / :func:`apply_group` -- a session's ops applied in fact order to a
+  conversation's speaker banks (leaves ``[S, ...]``; ``action.speaker`` picks the bank)
+  through :func:`~mr1.memory.env.transition`, and the same vmapped over ``G`` copies: how the
+  Memory Manager's episode task (:mod:`mr1.rl.episode_task`) plays its ``G`` op sequences;
 * :func:`window_episode` -- a speaker's facts of sessions ``start..end`` of a conversation as
   an :class:`~mr1.memory.env.Episode` (the snapshot is the pipeline's bank after session
   ``start - 1``: ``MemoryBuilder`` with ``max_sessions=start - 1``); :func:`fact_actions`
@@ -36,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mr1.memory import bank as B
-from mr1.memory.env import EnvParams, EnvState, Episode, MemoryManagerEnv, make_episode
+from mr1.memory.env import (EnvParams, EnvState, Episode, MemoryManagerEnv, make_episode,
+                            transition)
 
 Array = jax.Array
 _TURN = re.compile(r"D(\d+):(\d+)")
@@ -63,6 +68,30 @@ def rollout_group(env: MemoryManagerEnv, params: EnvParams, actions: B.MemoryAct
     """``G`` op sequences ``actions [G, F]`` from the same snapshot ``params.init_bank``,
     vmapped over ``G`` copies: final states ``[G]`` and infos ``[G, F]``."""
     return jax.vmap(functools.partial(rollout, env, params, key=key))(actions)
+
+
+def apply_in_order(banks: B.MemoryBank, actions: B.MemoryAction, active: Array
+                   ) -> tuple[B.MemoryBank, B.OpResult]:
+    """Ops ``actions [F]`` applied in order to the speaker banks ``banks`` (leaves
+    ``[S, ...]``, one bank per speaker; ``actions.speaker`` picks each op's bank) through
+    :func:`~mr1.memory.env.transition` (a ``lax.scan``). Steps with ``active`` False
+    (padding) change nothing and report a refused NOOP. Returns the banks and the results
+    ``[F]``: what :func:`mr1.memory.store.apply_ops` does op by op on one speaker's bank."""
+    def body(bs, xs):
+        act, on = xs
+        spk = jnp.clip(act.speaker, 0, bs.tokens.shape[0] - 1)
+        bank = jax.tree.map(lambda x: x[spk], bs)
+        new, res = transition(bank, act)
+        bs = jax.tree.map(lambda x, y: x.at[spk].set(jnp.where(on, y, x[spk])), bs, new)
+        res = jax.tree.map(lambda r: jnp.where(on, r, jnp.zeros_like(r)), res)
+        res = res.replace(refused=res.refused | ~on, slot=jnp.where(on, res.slot, -1),
+                          evicted=jnp.where(on, res.evicted, -1))
+        return bs, res
+    return jax.lax.scan(body, banks, (actions, active))
+
+
+#: ``apply_in_order`` over ``G`` copies: banks ``[G, S, ...]``, actions / active ``[G, F]``.
+apply_group = jax.jit(jax.vmap(apply_in_order))
 
 
 def event_counts(info: dict[str, Array]) -> dict[str, Array]:

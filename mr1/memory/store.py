@@ -155,24 +155,32 @@ def apply_ops(mem: SpeakerMemory, actions: B.MemoryAction, texts: Sequence[str],
         act = jax.tree.map(lambda x: jnp.asarray(x[i]), actions)
         mem.bank, res = _transition(mem.bank, act)
         res = jax.device_get(res)
-        op = B.OpCode(int(act.op)) if 0 <= int(act.op) < len(B.OpCode) else None
-        if bool(res.refused):
-            stats.refused[B.Refusal(int(res.reason)).name.lower()] += 1
-        elif bool(res.applied) and op is not None:
-            stats.ops[op.name] += 1
-            slot = int(res.slot)
-            stats.evicted += int(int(res.evicted) >= 0)
-            stats.truncated += int(bool(res.truncated))
-            if op in (B.OpCode.ADD, B.OpCode.UPDATE):
-                mem.texts[slot] = texts[i]
-                mem.timestamps[slot] = timestamp
-            elif op == B.OpCode.DELETE:
-                mem.texts[slot] = None
-                mem.timestamps[slot] = ""
-        elif op == B.OpCode.NOOP:
-            stats.ops["NOOP"] += 1
+        record_result(mem, int(act.op), res, texts[i], timestamp, stats)
         results.append(res)
     return results
+
+
+def record_result(mem: SpeakerMemory, op: int, res: B.OpResult, text: str, timestamp: str,
+                  stats: BuildStats) -> None:
+    """The host side of one applied op (``res``: its host :class:`OpResult`, the bank
+    already updated): ``mem.texts`` / ``timestamps`` follow the written or cleared slot and
+    ``stats`` counts the outcome (refusal by reason, op, eviction, truncation)."""
+    code = B.OpCode(op) if 0 <= op < len(B.OpCode) else None
+    if bool(res.refused):
+        stats.refused[B.Refusal(int(res.reason)).name.lower()] += 1
+    elif bool(res.applied) and code is not None:
+        stats.ops[code.name] += 1
+        slot = int(res.slot)
+        stats.evicted += int(int(res.evicted) >= 0)
+        stats.truncated += int(bool(res.truncated))
+        if code in (B.OpCode.ADD, B.OpCode.UPDATE):
+            mem.texts[slot] = text
+            mem.timestamps[slot] = timestamp
+        elif code == B.OpCode.DELETE:
+            mem.texts[slot] = None
+            mem.timestamps[slot] = ""
+    elif code == B.OpCode.NOOP:
+        stats.ops["NOOP"] += 1
 
 
 # ----------------------------------------------------------------------------- save / load

@@ -202,7 +202,7 @@ def build_manager_data(selected: Sequence[tuple[Conversation, Sequence]], cfg: P
             fact_emb.append(e)
             prompts.append(PR.memory_manager_prompt(
                 mem.name, text, [(d, mem.texts[s] or "") for d, s in enumerate(shown)],
-                form=cfg.manager_format))
+                form=cfg.manager_format, used=before[spk], capacity=cfg.num_slots))
     order = np.arange(len(samples))
     if max_samples and max_samples < len(samples):
         order = np.sort(np.random.default_rng(seed).choice(len(samples), max_samples,
@@ -302,7 +302,7 @@ class ManagerTask:
     pipeline: PipelineConfig
     reward_weights: Mapping[str, float]
     invalid_penalty: float
-    max_new_tokens: int
+    reply_max_new_tokens: int     # free-text forms' reply budget (a choice form samples 1)
     answer_top_k: int
     answer_max_new_tokens: int = 32
     answer_batch_size: int = 16
@@ -320,14 +320,18 @@ class ManagerTask:
         # after the form's forced reply prefix (part of the encoded prompt)
         self.form = PR.manager_form(self.pipeline.manager_format)
         self.allowed_tokens = op_choice_tokens(self.tokenize) if self.form.choice else ()
-        if self.allowed_tokens:
-            self.max_new_tokens = 1
         self.train_ids, self.train_mask = self._encode(self.train.prompts)
         self.val_ids, self.val_mask = self._encode(self.val.prompts)
         self._stacked = {}
 
     def __len__(self) -> int:
         return len(self.train)
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The sampling budget: one constrained word for a choice form ("op", "json_op"),
+        else ``reply_max_new_tokens``."""
+        return reply_budget(self.form, self.reply_max_new_tokens)
 
     def _encode(self, prompts):
         if not prompts:
@@ -457,18 +461,10 @@ class ManagerTask:
                               speaker=speaker)
 
     def _answer(self, prompts: list[str]) -> list[str]:
-        if not prompts:
-            return []
         if self.answer_fn is not None:
-            return list(self.answer_fn(prompts))
-        ids = encode_prompts(self.policy, prompts, chat=True)
-        length = -(-max(map(len, ids)) // (2 * PAD_MULTIPLE)) * (2 * PAD_MULTIPLE)
-        arr, mask = left_pad(ids, self.policy.pad_token_id, length)
-        cfg = SamplingConfig(max_new_tokens=self.answer_max_new_tokens)
-        # one batch size for every call (short lists wrap around): the number of distinct
-        # answer prompts varies per step and each batch shape would compile anew
-        return greedy_texts(self.policy, self.answer_params, arr, mask, cfg,
-                            self.answer_batch_size)
+            return list(self.answer_fn(prompts)) if prompts else []
+        return frozen_answers(self.policy, self.answer_params, prompts,
+                              self.answer_max_new_tokens, self.answer_batch_size)
 
     # -- RLTask
     def score(self, idx, texts, group: int) -> tuple[np.ndarray, dict]:
@@ -498,6 +494,26 @@ class ManagerTask:
                 "val_bleu1": 100 * float(scores["bleu1"].mean()),
                 "val_em": 100 * float(scores["em"].mean()),
                 **op_fractions(scores, prefix="val_")}
+
+
+def frozen_answers(policy, params, prompts: list[str], max_new_tokens: int,
+                   batch_size: int) -> list[str]:
+    """Greedy answers of the frozen Answer Agent (``params``) to Answer-Agent prompts, in
+    batches of ``batch_size`` (short lists wrap around: the number of distinct answer prompts
+    varies per step and each batch shape would compile anew)."""
+    if not prompts:
+        return []
+    ids = encode_prompts(policy, prompts, chat=True)
+    length = -(-max(map(len, ids)) // (2 * PAD_MULTIPLE)) * (2 * PAD_MULTIPLE)
+    arr, mask = left_pad(ids, policy.pad_token_id, length)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens)
+    return greedy_texts(policy, params, arr, mask, cfg, batch_size)
+
+
+def reply_budget(form: PR.ManagerForm, free_text_tokens: int) -> int:
+    """New tokens a manager reply of ``form`` is sampled with: 1 (the op word) for a choice
+    form, else ``free_text_tokens``."""
+    return 1 if form.choice else int(free_text_tokens)
 
 
 def op_fractions(scores: Mapping[str, np.ndarray], prefix: str) -> dict[str, float]:

@@ -50,7 +50,7 @@ from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import train_step as TS
 from mr1.rl.advantages import ESTIMATORS, AdvantageConfig
 
-__all__ = ["RunnerState", "StepConfig", "StepParts", "TrainStep", "make_train_step",
+__all__ = ["RunnerState", "StepConfig", "StepLayout", "StepParts", "TrainStep", "make_train_step",
            "step_parts", "rl_update", "jit_update", "estimator_name", "DEFAULT_ESTIMATORS"]
 
 # config.loss.advantage_estimator = "" picks the algorithm's default from the loss config
@@ -114,6 +114,19 @@ class StepConfig:
     @property
     def num_microbatches(self) -> int:
         return self.prompts // self.microbatch_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """How a task's rollout rows map onto the update when they are not the config's
+    ``prompts_per_step x group_size`` (an :class:`~mr1.rl.trainer.RLTask` may set
+    ``step_layout``): ``prompts`` rows of ``prompt_ids`` with ``group_size`` samples each, and
+    ``advantage_group`` consecutive samples normalised together by the estimator (the Memory
+    Manager's episodes: one sample per prompt, the ``G`` op sequences of a fact a group)."""
+
+    prompts: int
+    group_size: int
+    advantage_group: int
 
 
 # ----------------------------------------------------------------------------- the update
@@ -346,13 +359,17 @@ class StepParts:
         return lora_scale(self.lora_alpha, self.lora_rank) if self.lora_rank > 0 else None
 
 
-def step_parts(config) -> StepParts:
+def step_parts(config, layout: StepLayout | None = None) -> StepParts:
     """Loss, layout, estimator and optimizer of a run config (``algo``, ``rollout``, ``loss``,
     ``optim``, ``lora``, ``parallel``), checked: ``prompts_per_step`` splits into
     ``optim.minibatches`` mini-batches of whole micro-batches, the estimator and objective
-    exist."""
+    exist. ``layout`` (a task's :class:`StepLayout`) replaces the config's prompts and
+    groups."""
     c = config
     P, G = c.rollout.prompts_per_step, c.rollout.group_size
+    A = G
+    if layout is not None:
+        P, G, A = layout.prompts, layout.group_size, layout.advantage_group
     sc = StepConfig(prompts=P, group_size=G, microbatch_prompts=c.rollout.microbatch_prompts or P,
                     epochs=int(c.optim.get("epochs", 1)),
                     minibatches=int(c.optim.get("minibatches", 1)), estimator=estimator_name(c))
@@ -361,7 +378,7 @@ def step_parts(config) -> StepParts:
                                      "remat": c.parallel.get("remat", False),
                                      "logit_chunk": c.parallel.get("logit_chunk", 0)})
     TS.OBJECTIVES.get(lc.objective)  # an unknown algo fails here, not at trace time
-    ac = AdvantageConfig(group_size=G, gamma=float(c.loss.get("gamma", 1.0)),
+    ac = AdvantageConfig(group_size=A, gamma=float(c.loss.get("gamma", 1.0)),
                          lam=float(c.loss.get("gae_lambda", 0.95)),
                          whiten=bool(c.loss.get("whiten_advantages", True)))
     lora_cfg = c.get("lora") or {}
@@ -375,10 +392,12 @@ def step_parts(config) -> StepParts:
                      tuple(lora_cfg.get("targets", ())))
 
 
-def make_train_step(config, policy_config, *, log: Callable[[str], None] = print) -> TrainStep:
+def make_train_step(config, policy_config, *, layout: StepLayout | None = None,
+                    log: Callable[[str], None] = print) -> TrainStep:
     """The train step of a run config (``algo``, ``rollout``, ``loss``, ``optim``, ``lora``,
     ``parallel``, ``seed``) for a model of ``policy_config``; call ``.init(policy)`` for the
-    :class:`RunnerState`, then ``step(runner, arrays)`` once per rollout.
+    :class:`RunnerState`, then ``step(runner, arrays)`` once per rollout. ``layout``: the
+    task's rows when they are not ``prompts_per_step x group_size`` (:class:`StepLayout`).
 
     Batch sizes are checked up front (:func:`step_parts`; and a micro-batch splits over the
     devices the batch is split over).
@@ -386,7 +405,7 @@ def make_train_step(config, policy_config, *, log: Callable[[str], None] = print
     c = config
     n_all = c.parallel.num_devices or jax.device_count()
     mesh = parallel.make_mesh(n_all, parallel.mesh_shape_from_config(c.parallel, n_all))
-    parts = step_parts(c)
+    parts = step_parts(c, layout)
     mb, n_dev = parts.sc.microbatch_prompts, parallel.batch_devices(mesh)
     if parts.sc.prompts % mb or mb % n_dev:
         raise ValueError(f"prompts_per_step {parts.sc.prompts} must split into micro-batches of "

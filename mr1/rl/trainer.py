@@ -87,7 +87,8 @@ class Trainer:
         self.algo = c.algo
         self.G = c.rollout.group_size
         self.P = c.rollout.prompts_per_step
-        self.step_fn = make_train_step(c, self.policy.config, log=self.log)
+        self.step_fn = make_train_step(c, self.policy.config, log=self.log,
+                                       layout=getattr(self.task, "step_layout", None))
         self.mesh = self.step_fn.mesh
         self.runner = self.step_fn.init(self.policy)
         allowed = tuple(getattr(self.task, "allowed_tokens", ()))  # constrained choices
@@ -289,17 +290,20 @@ def _progress(it, enabled: bool, **kw):
 class RLTask(Protocol):
     """What :class:`Trainer` trains on: prompts in, completions, rewards and metrics out.
 
-    ``score(idx, texts, group)`` scores ``group`` consecutive completions per training prompt
-    of ``idx``: rewards ``[len(texts)]`` and a dict of float metrics. ``rollout(policy, params,
-    idx, key, cfg)`` is :func:`mr1.rl.rollout.sample_and_score` over the task's token prompts
-    ``idx`` with that ``score`` (host arrays ``prompt_ids``, ``prompt_mask`` ``[P, T]``;
-    ``tokens``, ``completion_mask``, ``old_logp`` ``[P * G, N]``; ``rewards [P * G]``; and
-    metrics). ``validate(policy, params, greedy_cfg)`` returns ``val_*`` metrics,
-    ``best_metric`` among them. ``max_new_tokens`` is the sampling budget; an optional
-    ``allowed_tokens`` attribute constrains sampling to those token ids. Advantages, losses
-    and everything else of the update are the train step's (:mod:`mr1.rl.runner`), not the
-    task's. Implementations: :class:`mr1.rl.answer_task.AnswerTask`,
-    :class:`mr1.rl.memory_task.ManagerTask`.
+    ``rollout(policy, params, idx, key, cfg)`` samples completions for the training items
+    ``idx`` and scores them on the host: host arrays ``prompt_ids``, ``prompt_mask``
+    ``[P, T]``; ``tokens``, ``completion_mask``, ``old_logp`` ``[P * G, N]``; ``rewards
+    [P * G]``; and float metrics (``reward_mean``, ``rollout_s`` among them). The Answer
+    Agent and the per-fact Memory Manager use :func:`mr1.rl.rollout.sample_and_score` (``G``
+    samples of each prompt); a task whose rows are laid out otherwise sets ``step_layout``
+    (:class:`mr1.rl.runner.StepLayout`; the Memory Manager's episodes,
+    :class:`mr1.rl.episode_task.EpisodeTask`). ``validate(policy, params, greedy_cfg)``
+    returns ``val_*`` metrics, ``best_metric`` among them. ``max_new_tokens`` is the sampling
+    budget; an optional ``allowed_tokens`` attribute constrains sampling to those token ids.
+    Advantages, losses and everything else of the update are the train step's
+    (:mod:`mr1.rl.runner`), not the task's. Implementations:
+    :class:`mr1.rl.answer_task.AnswerTask`, :class:`mr1.rl.memory_task.ManagerTask`,
+    :class:`mr1.rl.episode_task.EpisodeTask`.
     """
 
     name: str
@@ -308,9 +312,6 @@ class RLTask(Protocol):
     max_new_tokens: int
 
     def __len__(self) -> int: ...
-
-    def score(self, idx: np.ndarray, texts: list[str], group: int
-              ) -> tuple[np.ndarray, dict]: ...
 
     def rollout(self, policy, params, idx: np.ndarray, key, cfg: SamplingConfig
                 ) -> tuple[dict, dict]: ...
