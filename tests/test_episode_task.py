@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from mr1.agents.pipeline import BuildStats, MemoryBuilder, PipelineConfig, apply_ops, \
-    make_tokenize, new_speaker_memory
+    new_speaker_memory
 from mr1.memory import bank as B
 from mr1.memory.episodes import apply_group
 from mr1.rl import episode_task as ET

@@ -242,7 +242,8 @@ def test_op_choice_tokens():
 
 
 def test_manager_prompt_forms():
-    assert set(PR.MANAGER_PROMPTS) == set(PR.MANAGER_FORMS) == {"json", "line", "op", "json_op"}
+    assert set(PR.MANAGER_PROMPTS) == set(PR.MANAGER_FORMS) == {"json", "line", "op", "json_op",
+                                                                 "op_budget"}
     # "json_op" is the paper's JSON prompt; only its reply is forced and constrained
     assert PR.MANAGER_PROMPTS["json_op"] == PR.MANAGER_PROMPTS["json"]
     assert PR.manager_form("json_op").choice and PR.manager_form("op").choice
@@ -254,9 +255,14 @@ def test_manager_prompt_forms():
     assert PR.memory_manager_prompt("Alice", FACT, mems) == \
         PR.memory_manager_prompt("Alice", FACT, mems, form="json")
     for form in PR.MANAGER_PROMPTS:
-        p = PR.memory_manager_prompt("Alice", FACT, mems, form=form)
+        p = PR.memory_manager_prompt("Alice", FACT, mems, form=form, used=1, capacity=32)
         assert FACT in p and "[0] Alice likes cats." in p
+        assert ("holds 1 of at most 32 memories" in p) == (form == "op_budget")
     assert "one word" in PR.memory_manager_prompt("Alice", FACT, mems, form="op")
+    # "op_budget" is "op" plus how full the bank is: it needs both numbers
+    assert PR.manager_form("op_budget").choice and not PR.manager_form("op_budget").reply_prefix
+    with pytest.raises(ValueError, match="used= and capacity="):
+        PR.memory_manager_prompt("Alice", FACT, mems, form="op_budget")
     with pytest.raises(ValueError, match="form"):
         PR.memory_manager_prompt("Alice", FACT, mems, form="bogus")
 

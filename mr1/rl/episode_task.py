@@ -69,7 +69,7 @@ from mr1.memory.ops import ParsedOp, op_choice_tokens, ops_to_actions, parse_op_
 from mr1.memory.store import record_result
 from mr1.registry import Registry
 from mr1.rl.answer_task import PAD_MULTIPLE
-from mr1.rl.memory_task import (OP_NAMES, frozen_answers, load_answer_params, reply_budget,
+from mr1.rl.memory_task import (OP_NAMES, frozen_answers, manager_run, reply_budget,
                                 train_memory)
 from mr1.rl.rewards import combined_reward
 from mr1.rl.runner import StepLayout
@@ -403,7 +403,6 @@ class EpisodeTask:
     def _apply_session(self, data, windows, j, mems, batch, texts, played) -> None:
         """Parses one session's outputs and applies them in fact order to every copy (one
         jitted call for all copies); the host texts and stats follow."""
-        E, G = len(mems), len(mems[0])
         by_copy: dict[tuple[int, int], list] = {}
         for item, text in zip(batch, texts):
             by_copy.setdefault((item[0], item[1]), []).append((item, text))
@@ -591,15 +590,10 @@ def episode_data(config, split: str, policy, embedder, *, whole: bool) -> Episod
 def train_episodes(config, workdir, *, policy=None, embedder=None, answer_fn=None,
                    log=print) -> dict:
     """Builds the episode task from ``config`` and runs (or resumes) training."""
-    from mr1.models.trained import load_policy_from_config
-    from mr1.rl.trainer import build_then_train, prepare_workdir
+    from mr1.rl.trainer import build_then_train
 
-    workdir = prepare_workdir(config, workdir)
-    policy = policy or load_policy_from_config(config)
-    if embedder is None:
-        from mr1.memory.embedder import load_embedder
-        embedder = load_embedder()
-    answer_params = None if answer_fn is not None else load_answer_params(config, policy, log)
+    workdir, policy, embedder, answer_params = manager_run(
+        config, workdir, policy=policy, embedder=embedder, answer_fn=answer_fn, log=log)
     c = config
 
     def build():

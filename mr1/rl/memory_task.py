@@ -548,11 +548,11 @@ def load_answer_params(config, policy, log=print):
     return load_trained_params(ckpt, policy.params, run=run_config(ckpt))
 
 
-def train_memory(config, workdir, *, policy=None, embedder=None, answer_fn=None,
-                 log=print) -> dict:
-    """Builds the Memory Manager task from ``config`` and runs (or resumes) training."""
+def manager_run(config, workdir, *, policy=None, embedder=None, answer_fn=None, log=print):
+    """What every Memory Manager task's run starts from: the checked workdir, the policy, the
+    embedder and the frozen Answer Agent's params (None when ``answer_fn`` stands in)."""
     from mr1.models.trained import load_policy_from_config
-    from mr1.rl.trainer import build_then_train, prepare_workdir
+    from mr1.rl.trainer import prepare_workdir
 
     workdir = prepare_workdir(config, workdir)
     policy = policy or load_policy_from_config(config)
@@ -560,6 +560,16 @@ def train_memory(config, workdir, *, policy=None, embedder=None, answer_fn=None,
         from mr1.memory.embedder import load_embedder
         embedder = load_embedder()
     answer_params = None if answer_fn is not None else load_answer_params(config, policy, log)
+    return workdir, policy, embedder, answer_params
+
+
+def train_memory(config, workdir, *, policy=None, embedder=None, answer_fn=None,
+                 log=print) -> dict:
+    """Builds the Memory Manager task from ``config`` and runs (or resumes) training."""
+    from mr1.rl.trainer import build_then_train
+
+    workdir, policy, embedder, answer_params = manager_run(
+        config, workdir, policy=policy, embedder=embedder, answer_fn=answer_fn, log=log)
 
     def build():
         train = manager_data(config, "train", policy, embedder,
