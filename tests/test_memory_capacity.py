@@ -215,7 +215,7 @@ def test_memory_dir_identity_covers_the_budget(field, value, tmp_path):
 
 def test_capacity_config_baselines_differ_and_pick_their_manager():
     names = ("add_all_refuse", "add_all_lru", "add_all_fifo", "merge_similar", "skip_similar",
-             "prompted", "oracle")
+             "prompted", "prompted_budget", "oracle")
     ids = {n: json.dumps(manager_identity(_capacity(n)), sort_keys=True) for n in names}
     assert len(set(ids.values())) == len(names)
     assert _capacity("skip_similar").memory.num_slots == 32

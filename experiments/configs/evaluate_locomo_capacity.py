@@ -19,6 +19,9 @@ Baselines (:data:`BASELINES`; the managers are :data:`mr1.memory.managers.MANAGE
   speaker that close), else ADD (refused when full);
 * ``prompted`` -- the embedded model as the Memory Manager (the ablation grid's ``json_op``
   prompt; ``--config.memory.manager_checkpoint=runs/grpo_memory/best`` for the RL manager);
+* ``prompted_budget`` -- the embedded model with the ``op_budget`` prompt (one op word; the
+  prompt says how full the bank is), the RL manager of ``mr1.rl.episode_task`` with
+  ``--config.memory.manager_checkpoint=runs/grpo_memory_budget/best``;
 * ``oracle`` -- ADD only the facts whose evidence turns are gold evidence for some question of
   the conversation: an upper bound that reads the answers' evidence (reported, never trained
   on).
@@ -45,6 +48,10 @@ BASELINES = {
     "merge_similar": {"memory.manager": "merge_similar", "memory.full_policy": "refuse"},
     "skip_similar": {"memory.manager": "skip_similar", "memory.full_policy": "refuse"},
     "prompted": {"memory.manager": "llm", "memory.full_policy": "refuse"},
+    # the episode-trained manager's prompt (it sees how full its bank is); add
+    # --config.memory.manager_checkpoint=runs/grpo_memory_budget/best for the RL manager
+    "prompted_budget": {"memory.manager": "llm", "memory.manager_format": "op_budget",
+                        "memory.full_policy": "refuse"},
     "oracle": {"memory.manager": "oracle", "memory.full_policy": "refuse"},
 }
 
