@@ -68,7 +68,6 @@ from mr1.memory.managers import manager_spec
 from mr1.memory.ops import ParsedOp, op_choice_tokens, ops_to_actions, parse_op_choice, parse_ops
 from mr1.memory.store import record_result
 from mr1.registry import Registry
-from mr1.rl.answer_task import PAD_MULTIPLE
 from mr1.rl.memory_task import (OP_NAMES, frozen_answers, manager_run, reply_budget,
                                 train_memory)
 from mr1.rl.rewards import combined_reward
@@ -236,6 +235,9 @@ class EpisodeTask:
     rows_multiple: int = 1          # P * F must split into mini-batches of micro-batches
     turn_weight: float = 0.0
     sample_batch: int = 32          # manager prompts per sampler call (one compiled shape)
+    prompt_bucket: int = 128        # prompt lengths round up to this (the sampler and the
+                                    # update compile once per bucket; prompts grow as the
+                                    # bank fills)
     answer_max_new_tokens: int = 32
     answer_batch_size: int = 16
     answer_params: object = None
@@ -277,7 +279,8 @@ class EpisodeTask:
         if self.answer_fn is not None:
             return list(self.answer_fn(prompts)) if prompts else []
         return frozen_answers(self.policy, self.answer_params, prompts,
-                              self.answer_max_new_tokens, self.answer_batch_size)
+                              self.answer_max_new_tokens, self.answer_batch_size,
+                              bucket=self.prompt_bucket)
 
     def _scores(self, jobs: list[tuple[Conversation, ConversationMemory, list[int]]]
                 ) -> list[dict[str, np.ndarray]]:
@@ -334,7 +337,7 @@ class EpisodeTask:
         """One sample per prompt, ``sample_batch`` prompts per call (the last call wraps
         around, one compiled shape): token id lists, tokens, log-probs, lengths, texts."""
         ids = encode_prompts(self.policy, prompts, chat=True, reply_prefix=self.form.reply_prefix)
-        length = -(-max(map(len, ids)) // PAD_MULTIPLE) * PAD_MULTIPLE
+        length = -(-max(map(len, ids)) // self.prompt_bucket) * self.prompt_bucket
         arr, mask = left_pad(ids, self.policy.pad_token_id, length)
         n, b = len(prompts), self.sample_batch
         toks, logps, lens = [], [], []
@@ -524,7 +527,8 @@ class EpisodeTask:
         E, F, G = played.active.shape
         ids = [p for ep in played.prompt_ids for fr in ep for p in fr]
         first = next(p for p in ids if p is not None)
-        length = -(-max(len(p) for p in ids if p is not None) // PAD_MULTIPLE) * PAD_MULTIPLE
+        b = self.prompt_bucket
+        length = -(-max(len(p) for p in ids if p is not None) // b) * b
         prompt_ids, prompt_mask = left_pad([p if p is not None else first for p in ids],
                                            self.policy.pad_token_id, length)
         n = played.tokens.shape[-1]

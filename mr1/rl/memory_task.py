@@ -497,14 +497,15 @@ class ManagerTask:
 
 
 def frozen_answers(policy, params, prompts: list[str], max_new_tokens: int,
-                   batch_size: int) -> list[str]:
+                   batch_size: int, bucket: int = 2 * PAD_MULTIPLE) -> list[str]:
     """Greedy answers of the frozen Answer Agent (``params``) to Answer-Agent prompts, in
     batches of ``batch_size`` (short lists wrap around: the number of distinct answer prompts
-    varies per step and each batch shape would compile anew)."""
+    varies per step and each batch shape would compile anew), padded to a multiple of
+    ``bucket`` tokens."""
     if not prompts:
         return []
     ids = encode_prompts(policy, prompts, chat=True)
-    length = -(-max(map(len, ids)) // (2 * PAD_MULTIPLE)) * (2 * PAD_MULTIPLE)
+    length = -(-max(map(len, ids)) // bucket) * bucket
     arr, mask = left_pad(ids, policy.pad_token_id, length)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens)
     return greedy_texts(policy, params, arr, mask, cfg, batch_size)

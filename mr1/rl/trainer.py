@@ -136,14 +136,19 @@ class Trainer:
 
     # ---------------------------------------------------------------- update
     def train_step(self, step: int) -> dict:
-        """Rollout (rewards on the host), then the whole update on the devices."""
+        """Rollout (rewards on the host), then the whole update on the devices.
+
+        Times: ``rollout_s`` (sampling), ``reward_s`` (the task's scoring), ``update_s``;
+        ``step_s`` = sampling + update (the device work); ``step_wall_s`` the whole step."""
+        t_step = time.time()
         arrays, metrics = self.rollout(step)
         t0 = time.time()
         self.runner, m = self.step_fn(self.runner, arrays)
         update_s = time.time() - t0
         tokens = float(arrays["prompt_mask"].sum() + arrays["completion_mask"].sum())
         metrics.update(m, update_s=update_s, update_tok_s=tokens / update_s,
-                       step_s=update_s + metrics["rollout_s"])
+                       step_s=update_s + metrics["rollout_s"],
+                       step_wall_s=time.time() - t_step)
         if m["skipped"]:
             self.log(f"step {step}: non-finite loss/gradient, update skipped "
                      f"(loss {m['loss']}, grad_norm {m['grad_norm']})")
