@@ -334,14 +334,16 @@ class EpisodeTask:
         return parse_ops(text, valid_ids=range(len(shown_texts))).ops[0]
 
     def _sample(self, params, prompts: list[str], key, cfg: SamplingConfig):
-        """One sample per prompt, ``sample_batch`` prompts per call (the last call wraps
-        around, one compiled shape): token id lists, tokens, log-probs, lengths, texts."""
+        """One sample per prompt, ``sample_batch`` prompts per call (a shorter rest goes in
+        the smallest power-of-two batch, >= 8, that holds it, wrapping around: few compiled
+        shapes, little padding): token id lists, tokens, log-probs, lengths, texts."""
         ids = encode_prompts(self.policy, prompts, chat=True, reply_prefix=self.form.reply_prefix)
         length = -(-max(map(len, ids)) // self.prompt_bucket) * self.prompt_bucket
         arr, mask = left_pad(ids, self.policy.pad_token_id, length)
-        n, b = len(prompts), self.sample_batch
+        n = len(prompts)
         toks, logps, lens = [], [], []
-        for c, s in enumerate(range(0, n, b)):
+        for c, s in enumerate(range(0, n, self.sample_batch)):
+            b = min(self.sample_batch, max(8, 1 << (n - s - 1).bit_length()))
             sel = np.arange(s, s + b) % n
             t, lp, ln = sample_padded(self.policy, arr[sel], mask[sel],
                                       jax.random.fold_in(key, c), cfg, params=params)
