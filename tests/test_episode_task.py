@@ -163,7 +163,9 @@ def test_delete_of_a_needed_memory_scores_below_none(conv, policy):
     task = ET.EpisodeTask(data, data, policy, EMB, cfg, {"em": 1.0}, 0.5, 8, 4, group_size=2,
                           episodes_per_step=1, rows_multiple=4, answer_fn=agent)
     assert task.max_new_tokens == 8 and task.facts_per_episode == 4   # 4 facts, padded to 4
-    assert task.step_layout == ET.StepLayout(prompts=8, group_size=1, advantage_group=2)
+    # one-session windows: a fact's G copies share its prompt (the Answer Agent's layout)
+    assert task.shared_prompts
+    assert task.step_layout == ET.StepLayout(prompts=4, group_size=2, advantage_group=2)
     # session 3's facts in file order: Bob's marathon, then Alice's dog, who is shown
     # "[0] Alice likes jazz." and "[1] Alice has a cat named Tom." (hash-embedding cosine)
     snap = data.snapshots[(TMT.CONV_ID, 2)]
@@ -183,7 +185,15 @@ def test_delete_of_a_needed_memory_scores_below_none(conv, policy):
     assert metrics["op_noop"] == 0.75 and metrics["op_non_add"] == 1.0
     cm = arrays["completion_mask"].reshape(E, F, G, -1)
     assert cm[0, :2].all() and not cm[0, 2:].any()          # facts 3, 4 are padding
-    assert arrays["prompt_ids"].shape[0] == arrays["tokens"].shape[0] == E * F * G
+    assert arrays["prompt_ids"].shape[0] == E * F and arrays["tokens"].shape[0] == E * F * G
+    # a two-session window: every completion has its own prompt
+    two = ET.build_episode_data([(conv, conv.qas)], cfg, EMB, policy, window_sessions=2,
+                                snapshot_manager="add_all", max_questions=0, seed=0)
+    t2 = ET.EpisodeTask(two, two, policy, EMB, cfg, {"em": 1.0}, 0.5, 8, 4, group_size=2,
+                        episodes_per_step=1, rows_multiple=4, answer_fn=agent)
+    # sessions 1-2 have 7 facts; 7 x 2 rows padded to a multiple of 4: 8 facts
+    assert not t2.shared_prompts and t2.facts_per_episode == 8
+    assert t2.step_layout == ET.StepLayout(prompts=16, group_size=1, advantage_group=2)
     # Dr. GRPO advantages over each fact's G rows: the episode rewards minus their mean
     est = ESTIMATORS.get("drgrpo")
     adv, _ = est.fn(jnp.asarray(arrays["rewards"]), jnp.asarray(arrays["completion_mask"]),

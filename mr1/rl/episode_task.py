@@ -31,12 +31,15 @@ op also earns ``reward.turn`` times the score of the questions whose evidence in
 fact's turn, answered from its copy right after its session. A malformed or refused op (an ADD
 into a full bank under ``refuse``) costs ``reward.invalid_penalty``.
 
-**Rows of the update.** One row per (episode, fact slot, sample), ordered ``[P, F, G]``: its
-own prompt and one sampled op. Facts beyond a window's count are padding (completion mask 0).
-The ``G`` rows of one fact form an advantage group (the ``G`` op sequences' rewards), so GRPO,
-Dr. GRPO and RLOO normalise over the ``G`` sequences of one snapshot; PPO's GAE works per row.
-The train step is :func:`mr1.rl.runner.make_train_step` with the task's :attr:`step_layout`
-(``P * F`` prompts of one sample, advantage groups of ``G``).
+**Rows of the update.** One completion per (episode, fact slot, sample), ordered
+``[P, F, G]``: one sampled op each. Facts beyond a window's count are padding (completion mask
+0). The ``G`` completions of one fact form an advantage group (the ``G`` op sequences'
+rewards), so GRPO, Dr. GRPO and RLOO normalise over the ``G`` sequences of one snapshot; PPO's
+GAE works per completion. In a one-session window (the default) the ``G`` copies are the
+snapshot when the session starts, so a fact's ``G`` prompts are one: the update sees ``P * F``
+prompts with ``G`` samples each (the Answer Agent's layout, each prompt scored once); longer
+windows give each completion its own prompt (``P * F * G`` prompts of one sample). The train
+step is :func:`mr1.rl.runner.make_train_step` with the task's :attr:`step_layout`.
 
 **Validation** plays the whole validation conversation(s) from empty banks with greedy ops
 (what evaluation does) and answers ``eval.num_questions`` seeded questions: F1 / BLEU-1 / EM,
@@ -252,12 +255,19 @@ class EpisodeTask:
         self.allowed_tokens = op_choice_tokens(self.tokenize) if self.form.choice else ()
         self.agent = AnswerAgent(self.policy, self.embedder, top_k=self.answer_top_k,
                                  distill=self.answer_distill)
+        # one-session windows: the G copies are the snapshot when the session starts, so a
+        # fact's G prompts are one prompt with G samples (scored once in the update)
+        self.shared_prompts = all(len(w.sessions) == 1 for w in self.train.windows)
+        per_fact = 1 if self.shared_prompts else self.group_size
         f = self.train.max_facts
-        while (self.episodes_per_step * f) % self.rows_multiple:
+        while (self.episodes_per_step * f * per_fact) % self.rows_multiple:
             f += 1
         self.facts_per_episode = f  # F: rows per sample of an episode, padded
-        self.step_layout = StepLayout(prompts=self.episodes_per_step * f * self.group_size,
-                                      group_size=1, advantage_group=self.group_size)
+        G = self.group_size
+        self.step_layout = (StepLayout(prompts=self.episodes_per_step * f, group_size=G,
+                                       advantage_group=G) if self.shared_prompts else
+                            StepLayout(prompts=self.episodes_per_step * f * G, group_size=1,
+                                       advantage_group=G))
 
     curve_panels = (("episode reward (train windows)", ["reward_mean", "episode_reward"]),
                     ("validation answers after the manager's banks (greedy)",
@@ -524,10 +534,20 @@ class EpisodeTask:
         return arrays, metrics
 
     def _rows(self, played: Played, rewards: np.ndarray) -> dict:
-        """The update's host arrays from ``played`` (rows ``[E * F * G]``; padding rows copy
-        the first real prompt with completion mask 0)."""
+        """The update's host arrays from ``played``: completions ``[E * F * G]``; prompts
+        ``[E * F]`` (one per fact: its G copies saw one prompt) when ``shared_prompts``, else
+        one per completion. Padding rows copy the first real prompt, completion mask 0."""
         E, F, G = played.active.shape
-        ids = [p for ep in played.prompt_ids for fr in ep for p in fr]
+        if self.shared_prompts:
+            ids = []
+            for ep in played.prompt_ids:
+                for fr in ep:
+                    if any(p != fr[0] for p in fr):
+                        raise AssertionError("a fact's copies saw different prompts in a "
+                                             "one-session window")
+                    ids.append(fr[0])
+        else:
+            ids = [p for ep in played.prompt_ids for fr in ep for p in fr]
         first = next(p for p in ids if p is not None)
         b = self.prompt_bucket
         length = -(-max(len(p) for p in ids if p is not None) // b) * b
