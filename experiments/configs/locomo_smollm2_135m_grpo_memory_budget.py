@@ -28,7 +28,8 @@ def get_config():
     c.num_steps = 20                    # 20 episodes (the 19 conv-26 sessions, ~1 pass)
     c.rollout.prompts_per_step = 1      # episodes (windows) per step
     c.rollout.group_size = 8            # G op sequences per episode
-    c.rollout.microbatch_prompts = 2    # facts per gradient micro-batch (x G op words: 16 rows)
+    c.rollout.microbatch_prompts = 2    # facts per gradient micro-batch (x G op words: 16 rows;
+                                        # with window_sessions > 1 it counts rows: use 16)
     c.loss.normalize_std = False        # Dr. GRPO over the G episode rewards
 
     c.memory.num_slots = 32             # the budget: memories per speaker

@@ -122,7 +122,9 @@ class StepLayout:
     ``prompts_per_step x group_size`` (an :class:`~mr1.rl.trainer.RLTask` may set
     ``step_layout``): ``prompts`` rows of ``prompt_ids`` with ``group_size`` samples each, and
     ``advantage_group`` consecutive samples normalised together by the estimator (the Memory
-    Manager's episodes: one sample per prompt, the ``G`` op sequences of a fact a group)."""
+    Manager's episodes, :class:`mr1.rl.episode_task.EpisodeTask`: ``P x F`` fact prompts with
+    ``G`` samples, or, over several sessions, one sample per prompt with the ``G`` op
+    sequences of a fact a group). ``config.rollout.microbatch_prompts`` counts its prompts."""
 
     prompts: int
     group_size: int
