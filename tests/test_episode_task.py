@@ -137,14 +137,24 @@ def test_windows_snapshots_and_questions(conv, policy):
 
 def scripted(task, words_by_copy):
     """``task._sample`` with the real sampler, the texts replaced: copy ``g``'s outputs for a
-    session are ``words_by_copy[g]`` in fact order."""
+    session are ``words_by_copy[g]`` in fact order. A window's first session is sampled once
+    per fact with G samples (rows fact-major, sample ``g`` = copy ``g``); later sessions once
+    per copy and fact (prompts copy-major)."""
     real = task._sample
+    calls = []
 
     def sample(params, prompts, key, cfg):
         ids, tokens, logp, lengths, _ = real(params, prompts, key, cfg)
-        per_copy = len(prompts) // len(words_by_copy)
-        texts = [words_by_copy[i // per_copy][i % per_copy] for i in range(len(prompts))]
+        k = cfg.num_samples
+        calls.append((len(prompts), k))
+        if k > 1:
+            texts = [words_by_copy[r % k][r // k] for r in range(len(prompts) * k)]
+        else:
+            per_copy = len(prompts) // len(words_by_copy)
+            texts = [words_by_copy[i // per_copy][i % per_copy] for i in range(len(prompts))]
+        assert len(tokens) == len(texts) and len(ids) == len(prompts)
         return ids, tokens, logp, lengths, texts
+    sample.calls = calls
     return sample
 
 
@@ -174,11 +184,13 @@ def test_delete_of_a_needed_memory_scores_below_none(conv, policy):
     assert snap.speakers[0].texts[shown[1][1]] == "Alice has a cat named Tom."
     assert "[1] Alice has a cat named Tom." in prompts[1]
     task._sample = scripted(task, [["NONE", "DELETE 1"], ["NONE", "NONE"]])
+    sampler = task._sample
     from mr1.sampling import SamplingConfig
     arrays, metrics = task.rollout(policy, policy.params, np.asarray([window]),
                                    jax.random.PRNGKey(0),
                                    SamplingConfig(max_new_tokens=8, temperature=1.0))
     E, F, G = 1, 4, 2
+    assert sampler.calls == [(2, 2)]     # the session's 2 facts, 2 samples each (one prefill)
     rewards = arrays["rewards"].reshape(E, F, G)
     np.testing.assert_allclose(rewards[0, :2], [[0.0, 1.0], [0.0, 1.0]])   # the two facts
     assert metrics["episode_reward"] == 0.5 and metrics["op_delete"] == 0.25
@@ -194,6 +206,16 @@ def test_delete_of_a_needed_memory_scores_below_none(conv, policy):
     # sessions 1-2 have 7 facts; 7 x 2 rows padded to a multiple of 4: 8 facts
     assert not t2.shared_prompts and t2.facts_per_episode == 8
     assert t2.step_layout == ET.StepLayout(prompts=16, group_size=1, advantage_group=2)
+    # its first session is sampled once per fact (2 samples), the second once per copy
+    t2._sample = scripted(t2, [["NONE"] * 3, ["NONE"] * 3])
+    w2 = next(w for w in two.windows if w.sessions == (1, 2))
+    played = t2.play(two, [w2], 2, policy.params, jax.random.PRNGKey(0),
+                     SamplingConfig(max_new_tokens=8, temperature=1.0))
+    assert t2._sample.calls == [(3, 2), (4, 1)]          # 3 facts x 2 samples; 2 copies x 2
+    assert played.active[0].sum() == 10                    # 5 facts x 2 copies
+    assert (played.op[0][played.active[0]] == int(B.OpCode.NOOP)).all()
+    # NONE everywhere: both copies still hold the snapshot, so their later prompts coincide
+    assert played.prompt_ids[0][3][0] == played.prompt_ids[0][3][1] is not None
     # Dr. GRPO advantages over each fact's G rows: the episode rewards minus their mean
     est = ESTIMATORS.get("drgrpo")
     adv, _ = est.fn(jnp.asarray(arrays["rewards"]), jnp.asarray(arrays["completion_mask"]),

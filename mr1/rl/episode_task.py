@@ -344,20 +344,23 @@ class EpisodeTask:
         return parse_ops(text, valid_ids=range(len(shown_texts))).ops[0]
 
     def _sample(self, params, prompts: list[str], key, cfg: SamplingConfig):
-        """One sample per prompt, ``sample_batch`` prompts per call (a shorter rest goes in
-        the smallest power-of-two batch, >= 8, that holds it, wrapping around: few compiled
-        shapes, little padding): token id lists, tokens, log-probs, lengths, texts."""
+        """``cfg.num_samples`` samples of each prompt (one prefill per prompt), in calls of
+        ``sample_batch`` sampled rows (at least 8 prompts; a shorter rest goes in the smallest
+        power-of-two batch, >= 8, that holds it, wrapping around: few compiled shapes, little
+        padding). Returns the prompts' token id lists and, per sampled row (prompt-major),
+        tokens, log-probs, lengths and texts."""
         ids = encode_prompts(self.policy, prompts, chat=True, reply_prefix=self.form.reply_prefix)
         length = -(-max(map(len, ids)) // self.prompt_bucket) * self.prompt_bucket
         arr, mask = left_pad(ids, self.policy.pad_token_id, length)
-        n = len(prompts)
+        n, k = len(prompts), cfg.num_samples
+        per_call = max(8, self.sample_batch // k)
         toks, logps, lens = [], [], []
-        for c, s in enumerate(range(0, n, self.sample_batch)):
-            b = min(self.sample_batch, max(8, 1 << (n - s - 1).bit_length()))
+        for c, s in enumerate(range(0, n, per_call)):
+            b = min(per_call, max(8, 1 << (n - s - 1).bit_length()))
             sel = np.arange(s, s + b) % n
             t, lp, ln = sample_padded(self.policy, arr[sel], mask[sel],
                                       jax.random.fold_in(key, c), cfg, params=params)
-            m = min(b, n - s)
+            m = min(b, n - s) * k
             toks.append(t[:m]), logps.append(lp[:m]), lens.append(ln[:m])
         tokens, logp, lengths = (np.concatenate(toks), np.concatenate(logps),
                                  np.concatenate(lens))
@@ -369,7 +372,6 @@ class EpisodeTask:
         E, G = len(windows), group
         F = rows_per_episode or max(data.window_facts(w) for w in windows)
         N = cfg.max_new_tokens
-        cfg = dataclasses.replace(cfg, num_samples=1)
         mems = [[copy.deepcopy(data.snapshots[(w.conv_id, w.sessions[0])]) for _ in range(G)]
                 for w in windows]
         for row in mems:
@@ -385,25 +387,37 @@ class EpisodeTask:
                         turn_score=np.full((E, F, G), np.nan, np.float32), memories=mems)
         offset = [0] * E
         for j in range(max(len(w.sessions) for w in windows)):
-            batch = []   # (e, g, fact row within session, f, speaker, text, evidence, shown)
-            prompts = []
+            # a window's first session starts from the snapshot in every copy: one prompt per
+            # fact with G samples; later sessions: each copy's own prompts, one sample each
+            shared = j == 0
+            owners, prompts = [], []   # per prompt: its (e, g, i, f, fact row, shown) items
             for e, w in enumerate(windows):
                 if j >= len(w.sessions):
                     continue
                 pos = w.sessions[j]
                 rows, emb = data.facts[w.conv_id][pos], data.fact_embeddings[w.conv_id][pos]
-                for g in range(G):
-                    ps, shown = self._prompts_of_session(mems[e][g], rows, emb)
+                for g0 in ([0] if shared else range(G)):
+                    ps, shown = self._prompts_of_session(mems[e][g0], rows, emb)
                     prompts += ps
-                    batch += [(e, g, i, offset[e] + i, r, sh)
-                              for i, (r, sh) in enumerate(zip(rows, shown))]
+                    owners += [[(e, g, i, offset[e] + i, r, sh)
+                                for g in (range(G) if shared else [g0])]
+                               for i, (r, sh) in enumerate(zip(rows, shown))]
             if not prompts:
                 continue
+            k = G if shared else 1
             ids, tokens, logp, lengths, texts = self._sample(
-                params, prompts, jax.random.fold_in(key, j), cfg)
+                params, prompts, jax.random.fold_in(key, j),
+                dataclasses.replace(cfg, num_samples=k))
+            batch, rows_of = [], []
+            for p, own in enumerate(owners):
+                for s_, item in enumerate(own):
+                    batch.append(item)
+                    rows_of.append((p, p * k + s_))
+            texts = [texts[r] for _, r in rows_of]
             self._apply_session(data, windows, j, mems, batch, texts, played)
-            for (e, g, _, f, _, _), pid, t, lp, ln in zip(batch, ids, tokens, logp, lengths):
-                played.prompt_ids[e][f][g] = pid
+            for (e, g, _, f, _, _), (p, r) in zip(batch, rows_of):
+                t, lp, ln = tokens[r], logp[r], lengths[r]
+                played.prompt_ids[e][f][g] = ids[p]
                 played.tokens[e, f, g, : t.shape[0]] = t
                 played.logp[e, f, g, : lp.shape[0]] = lp
                 played.lengths[e, f, g] = ln
