@@ -194,6 +194,14 @@ def _activation_bytes(cfg: ModelConfig, prompts: int, rows: int, t_p: int, t_r: 
     return kept + layer + logits, how
 
 
+def _update_prompts(config) -> tuple[int, int]:
+    """Prompts and samples per prompt of one update (:func:`mr1.rl.runner.config_layout`)."""
+    from mr1.rl.runner import config_layout
+
+    layout = config_layout(config)
+    return layout.prompts, layout.group_size
+
+
 def make_plan(config, num_devices: int | None = None, mesh=None) -> Plan:
     """The per-device memory plan of ``config`` on ``num_devices`` (default
     ``config.plan.num_devices``) with ``mesh`` ``(data, fsdp, tp)`` (default ``config.plan.mesh``,
@@ -221,7 +229,7 @@ def make_plan(config, num_devices: int | None = None, mesh=None) -> Plan:
             ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
                 x.shape, transformer.activation_dtype(cfg, x.dtype)), policy)
             comp["reference model"] = _tree_bytes({"policy": ref}, sizes, mode)
-        P, G = config.rollout.prompts_per_step, config.rollout.group_size
+        P, G = _update_prompts(config)
         mb = config.rollout.microbatch_prompts or P
         if P % mb or mb % shape.batch:  # the Trainer's own check
             raise ValueError(
@@ -290,7 +298,7 @@ def estimate_step_seconds(config, plan: Plan, accelerator: str, *, mfu: float = 
     cfg = model_config(config)
     tflops, tbps = PEAK[accelerator]
     flops_s = tflops * 1e12 * mfu * plan.mesh.size
-    P, G = config.rollout.prompts_per_step, config.rollout.group_size
+    P, G = _update_prompts(config)
     t_p = int(plan.shapes["prompt"])
     t_r = int(response_tokens or plan.shapes["response"])
     ctx = t_p + t_r // 2
@@ -339,7 +347,7 @@ def abstract_update(config, mesh, *, prompt_tokens: int | None = None,
     state_sharding = TS.TrainState(step=parallel.replicated(mesh), params=shard(state.params),
                                    opt_state=shard(state.opt_state),
                                    rng=parallel.replicated(mesh))
-    P, G = config.rollout.prompts_per_step, config.rollout.group_size
+    P, G = _update_prompts(config)
     mb = config.rollout.microbatch_prompts or P
     m = P // mb
     f32, i32 = jnp.float32, jnp.int32

@@ -82,10 +82,12 @@ def get_config():
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.99
-    c.optim.epochs = 1                  # passes over each rollout batch (VERL's ppo_epochs)
-    c.optim.minibatches = 1             # optimizer steps per pass: the batch's prompts (with
+    c.optim.epochs = 2                  # passes over each rollout batch (VERL's ppo_epochs)
+    c.optim.minibatches = 2             # optimizer steps per pass: the batch's prompts (with
                                         # their groups) shuffled and split this many ways; 1 x 1
-                                        # = one step per rollout (the clip never binds)
+                                        # = one step per rollout (the clip never binds). 2 x 2
+                                        # since 2026-11-27: validation F1 42.1 vs 32.7 at 1 x 1
+                                        # (seed 0), test F1 30.55 (docs/training.md)
 
     c.lora = ml_collections.ConfigDict()  # mr1.models.lora; rank 0 = full fine-tuning
     c.lora.rank = 0                     # > 0: train rank-r adapters on a frozen base

@@ -59,4 +59,7 @@ def get_config():
     c.eval.batch_size = 16
     c.checkpoint_every = 5
     del c.eval.num_questions
+    c.optim.epochs = 1                  # one update per rollout batch: the setting these runs
+    c.optim.minibatches = 1             # were measured with (the Answer Agent's GRPO default
+                                        # is 2 x 2)
     return c

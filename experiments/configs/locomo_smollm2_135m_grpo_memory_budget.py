@@ -42,9 +42,11 @@ def get_config():
     c.episode = ml_collections.ConfigDict()
     c.episode.window_sessions = 1       # sessions per episode (a curriculum may grow it)
     c.episode.min_start = 0             # first window start (session position)
+    c.episode.max_facts = 16            # fact slots per episode in the update (conv-26's
+                                        # sessions have at most 14 facts; more is an error)
     c.episode.snapshot_manager = "add_all"  # rule manager building the banks before a window
     c.episode.max_questions = 8         # questions answered per episode copy (in-window first)
-    c.episode.sample_batch = 32         # manager prompts per sampler call
+    c.episode.sample_batch = 32         # sampled rows per sampler call (>= 8 prompts)
 
     c.reward.turn = 0.0                 # > 0: the paper's per-turn reward (questions linked to
                                         # a fact's turn, answered after its session) added

@@ -22,4 +22,7 @@ def get_config():
     c.algo = "ppo"                      # actor + linear critic, GAE
     c.rollout.prompts_per_step = 4      # as measured (docs/training.md); the GRPO default
     c.eval.num_questions = 40           # moved to 8 questions a step and all 81 to validate
+    c.optim.epochs = 1                  # one update per rollout batch: the setting these runs
+    c.optim.minibatches = 1             # were measured with (the Answer Agent's GRPO default
+                                        # is 2 x 2)
     return c

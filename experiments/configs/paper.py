@@ -175,6 +175,8 @@ def _train(backbone: str, algo: str, agent: str, spec: str):
     c.parallel.attention_chunk = 512    # attention over 512-query blocks (memory-efficient),
     c.parallel.logit_chunk = 256        # log-probs over 256-position blocks of the vocabulary
     c.parallel.shard_rollouts = True    # sample on the mesh, rows split over data x fsdp
+    c.optim.epochs = 1                  # unreported: one update per rollout batch
+    c.optim.minibatches = 1
     return c
 
 

@@ -236,8 +236,10 @@ class EpisodeTask:
     group_size: int
     episodes_per_step: int
     rows_multiple: int = 1          # P * F must split into mini-batches of micro-batches
+    max_facts: int = 0              # F, fact slots per episode (episode.max_facts; 0: the
+                                    # data's most, rounded up to split into micro-batches)
     turn_weight: float = 0.0
-    sample_batch: int = 32          # manager prompts per sampler call (one compiled shape)
+    sample_batch: int = 32          # sampled rows per sampler call (prompts x samples)
     prompt_bucket: int = 128        # prompt lengths round up to this (the sampler and the
                                     # update compile once per bucket; prompts grow as the
                                     # bank fills)
@@ -260,6 +262,11 @@ class EpisodeTask:
         self.shared_prompts = all(len(w.sessions) == 1 for w in self.train.windows)
         per_fact = 1 if self.shared_prompts else self.group_size
         f = self.train.max_facts
+        if self.max_facts:
+            if f > self.max_facts:
+                raise ValueError(f"a training window has {f} facts, more than "
+                                 f"episode.max_facts={self.max_facts}; raise it")
+            f = self.max_facts
         while (self.episodes_per_step * f * per_fact) % self.rows_multiple:
             f += 1
         self.facts_per_episode = f  # F: rows per sample of an episode, padded
@@ -650,6 +657,7 @@ def train_episodes(config, workdir, *, policy=None, embedder=None, answer_fn=Non
             c.answer.top_k, group_size=c.rollout.group_size,
             episodes_per_step=c.rollout.prompts_per_step,
             rows_multiple=mb * int(c.optim.get("minibatches", 1)),
+            max_facts=int(c.episode.get("max_facts", 0)),
             turn_weight=float(c.reward.get("turn", 0.0)),
             sample_batch=c.episode.sample_batch,
             answer_max_new_tokens=c.answer.max_new_tokens, answer_batch_size=c.answer.batch_size,

@@ -50,7 +50,8 @@ from mr1.models.lora import init_lora, lora_scale
 from mr1.rl import train_step as TS
 from mr1.rl.advantages import ESTIMATORS, AdvantageConfig
 
-__all__ = ["RunnerState", "StepConfig", "StepLayout", "StepParts", "TrainStep", "make_train_step",
+__all__ = ["RunnerState", "StepConfig", "StepLayout", "config_layout",
+           "StepParts", "TrainStep", "make_train_step",
            "step_parts", "rl_update", "jit_update", "estimator_name", "DEFAULT_ESTIMATORS"]
 
 # config.loss.advantage_estimator = "" picks the algorithm's default from the loss config
@@ -129,6 +130,21 @@ class StepLayout:
     prompts: int
     group_size: int
     advantage_group: int
+
+
+def config_layout(config) -> StepLayout:
+    """The update's prompts and groups a run config implies (what :func:`step_parts` and
+    :mod:`mr1.planning` use): ``prompts_per_step x group_size``; for the Memory Manager's
+    episodes (``manager.task == "episodes"``, :mod:`mr1.rl.episode_task`) the
+    ``episode.max_facts`` fact slots of each of the ``prompts_per_step`` episodes, with ``G``
+    samples per fact prompt (one-session windows) or one per prompt (longer windows)."""
+    P, G = config.rollout.prompts_per_step, config.rollout.group_size
+    if (config.get("manager") or {}).get("task", "") != "episodes":
+        return StepLayout(P, G, G)
+    F = int(config.episode.max_facts)
+    if int(config.episode.window_sessions) == 1:
+        return StepLayout(P * F, G, G)
+    return StepLayout(P * F * G, 1, G)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -365,13 +381,11 @@ def step_parts(config, layout: StepLayout | None = None) -> StepParts:
     """Loss, layout, estimator and optimizer of a run config (``algo``, ``rollout``, ``loss``,
     ``optim``, ``lora``, ``parallel``), checked: ``prompts_per_step`` splits into
     ``optim.minibatches`` mini-batches of whole micro-batches, the estimator and objective
-    exist. ``layout`` (a task's :class:`StepLayout`) replaces the config's prompts and
-    groups."""
+    exist. ``layout`` (a task's :class:`StepLayout`; default :func:`config_layout`) gives the
+    update's prompts and groups."""
     c = config
-    P, G = c.rollout.prompts_per_step, c.rollout.group_size
-    A = G
-    if layout is not None:
-        P, G, A = layout.prompts, layout.group_size, layout.advantage_group
+    layout = layout or config_layout(c)
+    P, G, A = layout.prompts, layout.group_size, layout.advantage_group
     sc = StepConfig(prompts=P, group_size=G, microbatch_prompts=c.rollout.microbatch_prompts or P,
                     epochs=int(c.optim.get("epochs", 1)),
                     minibatches=int(c.optim.get("minibatches", 1)), estimator=estimator_name(c))
