@@ -549,7 +549,8 @@ class EpisodeTask:
                    **op_metrics(played, prefix="op_"),
                    "rollout_s": rollout_s, "reward_s": reward_s,
                    "completion_len": float(played.lengths[played.active].mean()),
-                   "truncated_frac": 0.0,
+                   "truncated_frac": float(np.mean(played.lengths[played.active]
+                                                   >= cfg.max_new_tokens)),
                    "rollout_tok_s": float(arrays["prompt_mask"].sum()
                                           + arrays["completion_mask"].sum()) / rollout_s}
         return arrays, metrics
