@@ -192,7 +192,12 @@ class MemoryBuilder:
     # -- facts
     def session_facts(self, conv: Conversation, session) -> list[tuple[str, str]]:
         """``(speaker, fact)`` pairs of one session."""
-        return [(s, f) for s, f, _ in self._facts_many([(conv, session)])[0]]
+        return [(s, f) for s, f, _ in self.session_fact_rows(conv, session)]
+
+    def session_fact_rows(self, conv: Conversation, session
+                          ) -> list[tuple[str, str, tuple[str, ...]]]:
+        """``(speaker, fact, evidence turn ids)`` of one session (what the managers see)."""
+        return self._facts_many([(conv, session)])[0]
 
     def _facts_many(self, pairs) -> list[list[tuple[str, str, tuple[str, ...]]]]:
         """``(speaker, fact, evidence turn ids)`` of each ``(conversation, session)``; LLM

@@ -178,7 +178,7 @@ def build_episode_data(selected: Sequence[tuple[Conversation, Sequence]], cfg: P
         sessions_used = conv.sessions[: cfg.max_sessions or None]
         for session in sessions_used:
             rows = [(names[s], f, tuple(ev))
-                    for s, f, ev in builder._facts_many([(conv, session)])[0]
+                    for s, f, ev in builder.session_fact_rows(conv, session)
                     if s in names and f.strip()]
             facts[cid].append(rows)
             embs[cid].append(np.asarray(embedder.encode([r[1] for r in rows]), np.float32)
