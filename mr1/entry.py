@@ -35,11 +35,12 @@ def _user_error_types() -> list[type[BaseException]]:
     from mr1.data.paths import DataFileError, DataNotFoundError
     from mr1.models.policy import UnknownModelError
     from mr1.models.weights import WeightLoadError
+    from mr1.registry import ConfigError
     from mr1.run_identity import CheckpointMismatchError, RunIdentityError, WorkdirError
 
     return [app.UsageError, flags.Error, DataFileError, DataNotFoundError, UnknownModelError,
             WeightLoadError, AssetNotFoundError, RunIdentityError, WorkdirError,
-            CheckpointMismatchError, CheckpointNotFoundError]
+            CheckpointMismatchError, CheckpointNotFoundError, ConfigError]
 
 
 USER_ERRORS: list[type[BaseException]] = []

@@ -13,15 +13,26 @@ A :class:`Registry` is a ``dict`` from name to object with a decorator to add en
 
 Registering a name twice is an error (two modules silently replacing each other's entry is the
 bug a registry exists to prevent).
+
+:class:`ConfigError` is a config value that cannot be used (an unknown name, sizes that do not
+divide, a limit the data exceeds): the entry points report it as one line (``mr1.entry``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-__all__ = ["Registry"]
+__all__ = ["ConfigError", "UnknownNameError", "Registry"]
 
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; its message names the field and what to set."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name that is not in its registry (a ``KeyError`` too, for ``dict``-style callers)."""
 
 
 class Registry(dict):
@@ -42,11 +53,13 @@ class Registry(dict):
         return add if value is None else add(value)
 
     def get(self, name: str) -> Any:  # noqa: D401 - dict.get with a helpful KeyError
-        """The entry registered as ``name``; KeyError naming the available ones otherwise."""
+        """The entry registered as ``name``; :class:`UnknownNameError` naming the available
+        ones otherwise."""
         try:
             return self[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; available: {sorted(self)}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; available: {sorted(self)}"
+                                   ) from None
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {sorted(self)})"

@@ -193,6 +193,9 @@ def _one_line(proc, *parts):
     (["--config.nonexistent=1"], ["--config.nonexistent=1", "no field 'nonexistent'"]),
     (["--config.seed=abc"], ["--config.seed=abc", "invalid literal"]),
     (["--config.model=nope"], ["unknown model 'nope'", "Known presets"]),
+    (["--config.optim.minibatches=3"], ["prompts_per_step 2", "3 mini-batches"]),
+    (["--config.loss.advantage_estimator=nope"], ["unknown advantage estimator 'nope'",
+                                                  "available: ["]),
 ])
 def test_cli_flag_and_model_errors_are_one_line(tmp_path, args, parts):
     _one_line(_cli(args, tmp_path / "w"), *parts)
@@ -317,7 +320,10 @@ def _user_errors():
     from mr1.checkpoint import CheckpointNotFoundError
     from mr1.data.paths import DataFileError
     from mr1.models.policy import UnknownModelError
-    return [app.UsageError("too many arguments"), DataFileError("bad\nfile"),
+    from mr1.registry import ConfigError, UnknownNameError
+    return [ConfigError("episode.max_facts=8 is less than\n14 facts"),
+            UnknownNameError("unknown manager task 'x'; available: ['episodes', 'facts']"),
+            app.UsageError("too many arguments"), DataFileError("bad\nfile"),
             UnknownModelError("unknown model 'x'"), RI.WorkdirError("w is a file"),
             RI.RunIdentityError("another config"), RI.CheckpointMismatchError("no fit"),
             CheckpointNotFoundError("no checkpoint directory /x"),

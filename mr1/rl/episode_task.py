@@ -70,7 +70,7 @@ from mr1.memory.episodes import apply_group, evidence_session
 from mr1.memory.managers import manager_spec
 from mr1.memory.ops import ParsedOp, op_choice_tokens, ops_to_actions, parse_op_choice, parse_ops
 from mr1.memory.store import record_result
-from mr1.registry import Registry
+from mr1.registry import ConfigError, Registry
 from mr1.rl.memory_task import (OP_NAMES, frozen_answers, manager_run, reply_budget,
                                 train_memory)
 from mr1.rl.rewards import combined_reward
@@ -165,8 +165,8 @@ def build_episode_data(selected: Sequence[tuple[Conversation, Sequence]], cfg: P
     at ``cfg``'s budget). Windows with no question are skipped."""
     spec = manager_spec(snapshot_manager)
     if spec.decide is None or spec.reads_gold:
-        raise ValueError(f"episode.snapshot_manager must be a rule manager that reads no "
-                         f"answers, got {snapshot_manager!r}")
+        raise ConfigError(f"episode.snapshot_manager must be a rule manager that reads no "
+                          f"answers, got {snapshot_manager!r}")
     snap_cfg = dataclasses.replace(cfg, manager=snapshot_manager)
     builder = MemoryBuilder(snap_cfg, embedder, policy)
     convs, windows, facts, embs, snaps = {}, [], {}, {}, {}
@@ -264,8 +264,8 @@ class EpisodeTask:
         f = self.train.max_facts
         if self.max_facts:
             if f > self.max_facts:
-                raise ValueError(f"a training window has {f} facts, more than "
-                                 f"episode.max_facts={self.max_facts}; raise it")
+                raise ConfigError(f"a training window has {f} facts, more than "
+                                  f"episode.max_facts={self.max_facts}; raise it")
             f = self.max_facts
         while (self.episodes_per_step * f * per_fact) % self.rows_multiple:
             f += 1

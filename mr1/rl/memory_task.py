@@ -53,6 +53,7 @@ from mr1.eval import metrics as M
 from mr1.memory import bank as B
 from mr1.memory.env import step_once
 from mr1.memory.ops import ParsedOp, op_choice_tokens, parse_op_choice, parse_ops
+from mr1.registry import ConfigError
 from mr1.rl.answer_task import PAD_MULTIPLE
 from mr1.rl.rewards import combined_reward
 from mr1.rl.rollout import greedy_texts, sample_and_score
@@ -133,8 +134,8 @@ def temporal_memory(conv: Conversation, cfg: PipelineConfig, embedder, tokenize,
             new_speaker_memory(conv.speaker_b, 1, cfg, dim, pad_id)]
     counts = collections.Counter(spk for _, _, spk, _, _ in facts)
     if max(counts.values(), default=0) > cfg.num_slots:
-        raise ValueError(f"{conv.sample_id}: {max(counts.values())} facts for one speaker do not "
-                         f"fit {cfg.num_slots} slots; raise memory.num_slots")
+        raise ConfigError(f"{conv.sample_id}: {max(counts.values())} facts for one speaker do not "
+                          f"fit {cfg.num_slots} slots; raise memory.num_slots")
     stats = BuildStats(facts=len(facts))
     emb = (np.asarray(embedder.encode([f[3] for f in facts]), np.float32) if facts
            else np.zeros((0, dim), np.float32))

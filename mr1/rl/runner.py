@@ -47,6 +47,7 @@ import numpy as np
 from mr1 import parallel
 from mr1.models import transformer
 from mr1.models.lora import init_lora, lora_scale
+from mr1.registry import ConfigError
 from mr1.rl import train_step as TS
 from mr1.rl.advantages import ESTIMATORS, AdvantageConfig
 
@@ -105,12 +106,12 @@ class StepConfig:
 
     def __post_init__(self):
         if self.epochs < 1 or self.minibatches < 1:
-            raise ValueError(f"epochs ({self.epochs}) and minibatches ({self.minibatches}) "
-                             "must be >= 1")
+            raise ConfigError(f"epochs ({self.epochs}) and minibatches ({self.minibatches}) "
+                              "must be >= 1")
         if self.prompts % (self.minibatches * self.microbatch_prompts):
-            raise ValueError(f"prompts_per_step {self.prompts} must split into "
-                             f"{self.minibatches} mini-batches of whole micro-batches of "
-                             f"{self.microbatch_prompts} prompts")
+            raise ConfigError(f"prompts_per_step {self.prompts} must split into "
+                              f"{self.minibatches} mini-batches of whole micro-batches of "
+                              f"{self.microbatch_prompts} prompts")
 
     @property
     def num_microbatches(self) -> int:
@@ -424,7 +425,7 @@ def make_train_step(config, policy_config, *, layout: StepLayout | None = None,
     parts = step_parts(c, layout)
     mb, n_dev = parts.sc.microbatch_prompts, parallel.batch_devices(mesh)
     if parts.sc.prompts % mb or mb % n_dev:
-        raise ValueError(f"prompts_per_step {parts.sc.prompts} must split into micro-batches of "
-                         f"{mb} prompts, each divisible by the {n_dev} devices the batch is "
-                         f"split over (mesh {parallel.mesh_shape(mesh)})")
+        raise ConfigError(f"prompts_per_step {parts.sc.prompts} must split into micro-batches of "
+                          f"{mb} prompts, each divisible by the {n_dev} devices the batch is "
+                          f"split over (mesh {parallel.mesh_shape(mesh)})")
     return TrainStep(policy_config, mesh, parts, int(c.seed), log=log)
