@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import runpy
+import types
 
 import jax
 import jax.numpy as jnp
@@ -179,8 +180,9 @@ def test_delete_of_a_needed_memory_scores_below_none(conv, policy):
     # session 3's facts in file order: Bob's marathon, then Alice's dog, who is shown
     # "[0] Alice likes jazz." and "[1] Alice has a cat named Tom." (hash-embedding cosine)
     snap = data.snapshots[(TMT.CONV_ID, 2)]
-    prompts, shown = task._prompts_of_session(snap, data.facts[TMT.CONV_ID][2],
-                                              data.fact_embeddings[TMT.CONV_ID][2])
+    prompts, shown, no_add = task._prompts_of_session(snap, data.facts[TMT.CONV_ID][2],
+                                                      data.fact_embeddings[TMT.CONV_ID][2])
+    assert no_add == [False, False]          # an unmasked form may always choose ADD
     assert snap.speakers[0].texts[shown[1][1]] == "Alice has a cat named Tom."
     assert "[1] Alice has a cat named Tom." in prompts[1]
     task._sample = scripted(task, [["NONE", "DELETE 1"], ["NONE", "NONE"]])
@@ -245,6 +247,53 @@ def test_played_copies_keep_their_own_ops(conv, policy):
     assert played.full[0, 1, 1] and played.invalid[0, 1, 1]       # her ADD was refused
     assert add_copy.stats.refused["bank_full"] == 1
     assert played.op[0, 1, 1] == int(B.OpCode.NOOP)
+
+
+def test_masked_form_never_adds_into_a_full_bank(conv, policy):
+    """``op_budget_mask``: a fact whose bank is full at the session's start (Alice's, 4 slots)
+    samples only UPDATE / DELETE / NONE, in training (``play``) and in the pipeline's build;
+    Bob's, with room, may still ADD. The rows come back in prompt order."""
+    from mr1.memory.ops import FULL_BANK_CHOICE_WORDS, op_choice_tokens
+    from mr1.sampling import SamplingConfig
+
+    cfg = dataclasses.replace(CFG, manager_format="op_budget_mask")    # 4 slots
+    data = ET.build_episode_data([(conv, conv.qas)], cfg, EMB, policy, window_sessions=1,
+                                 snapshot_manager="add_all", max_questions=0, seed=0)
+    w = next(w for w in data.windows if w.sessions == (2,))
+    task = ET.EpisodeTask(data, data, policy, EMB, cfg, {"em": 1.0}, 0.0, 8, 2, group_size=16,
+                          episodes_per_step=1, answer_fn=TMT.CatAgent())
+    rows = data.facts[TMT.CONV_ID][2]
+    snap = data.snapshots[(TMT.CONV_ID, 2)]
+    _, _, no_add = task._prompts_of_session(snap, rows, data.fact_embeddings[TMT.CONV_ID][2])
+    used = [int(np.asarray(m.bank.valid).sum()) for m in snap.speakers]
+    assert used == [4, 3] and no_add == [False, True]     # Bob's marathon, Alice's dog
+    played = task.play(data, [w], 16, policy.params, jax.random.PRNGKey(3),
+                       SamplingConfig(max_new_tokens=1, temperature=1.0,
+                                      allowed_tokens=task.allowed_tokens))
+    masked = set(op_choice_tokens(task.tokenize, FULL_BANK_CHOICE_WORDS))
+    for i, full in enumerate(no_add):
+        first = {int(t) for t in played.tokens[0, i, :, 0]}
+        assert first <= (masked if full else set(task.allowed_tokens)), (i, first)
+        if full:   # never an ADD, so never a refusal
+            assert not (played.op[0, i] == int(B.OpCode.ADD)).any()
+            assert not played.full[0, i].any()
+    # the pipeline builds with the same mask: a prompt of a full bank is never offered ADD
+    # (a scripted manager that ADDs whenever it may, else says NONE, fills the banks)
+    builder = MemoryBuilder(dataclasses.replace(cfg, manager="llm"), EMB, policy)
+    add, offered = op_choice_tokens(task.tokenize, ["ADD"])[0], []
+
+    def generate(prompts, max_new_tokens, **kw):
+        offered.extend((p, kw["allowed_tokens"]) for p in prompts)
+        return ["ADD" if add in kw["allowed_tokens"] else "NONE" for _ in prompts]
+    builder._generate = generate
+    builder.build(conv)
+    full_prompt = "It holds 4 of at most 4 memories"
+    assert {full_prompt in p for p, _ in offered} == {True, False}
+    for p, allowed in offered:
+        assert set(allowed) == (masked if full_prompt in p else set(task.allowed_tokens))
+    with pytest.raises(ValueError, match="episodes"):     # the facts task cannot model it
+        from mr1.rl.memory_task import ManagerTask
+        ManagerTask.__post_init__(types.SimpleNamespace(policy=policy, pipeline=cfg))
 
 
 # ----------------------------------------------------------------------------- 4. training

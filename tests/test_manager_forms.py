@@ -241,9 +241,19 @@ def test_op_choice_tokens():
         op_choice_tokens(lambda s: [0] + BYTES(s))
 
 
+def test_op_choice_groups_split_full_banks_from_the_rest():
+    from mr1.memory.ops import op_choice_groups
+    groups = op_choice_groups(BYTES, [False, True, False, True, True])
+    assert [(g.tolist(), t) for g, t in groups] == [([0, 2], (65, 85, 68, 78)),
+                                                    ([1, 3, 4], (85, 68, 78))]   # no "A"
+    assert [(g.tolist(), t) for g, t in op_choice_groups(BYTES, [False] * 2)] == \
+        [([0, 1], (65, 85, 68, 78))]
+    assert op_choice_groups(BYTES, []) == []
+
+
 def test_manager_prompt_forms():
     assert set(PR.MANAGER_PROMPTS) == set(PR.MANAGER_FORMS) == {"json", "line", "op", "json_op",
-                                                                 "op_budget"}
+                                                                 "op_budget", "op_budget_mask"}
     # "json_op" is the paper's JSON prompt; only its reply is forced and constrained
     assert PR.MANAGER_PROMPTS["json_op"] == PR.MANAGER_PROMPTS["json"]
     assert PR.manager_form("json_op").choice and PR.manager_form("op").choice
@@ -257,12 +267,16 @@ def test_manager_prompt_forms():
     for form in PR.MANAGER_PROMPTS:
         p = PR.memory_manager_prompt("Alice", FACT, mems, form=form, used=1, capacity=32)
         assert FACT in p and "[0] Alice likes cats." in p
-        assert ("holds 1 of at most 32 memories" in p) == (form == "op_budget")
+        assert ("holds 1 of at most 32 memories" in p) == form.startswith("op_budget")
     assert "one word" in PR.memory_manager_prompt("Alice", FACT, mems, form="op")
     # "op_budget" is "op" plus how full the bank is: it needs both numbers
     assert PR.manager_form("op_budget").choice and not PR.manager_form("op_budget").reply_prefix
     with pytest.raises(ValueError, match="used= and capacity="):
         PR.memory_manager_prompt("Alice", FACT, mems, form="op_budget")
+    # "op_budget_mask" is the same prompt; only a full bank's choice differs (no ADD)
+    assert PR.MANAGER_PROMPTS["op_budget_mask"] == PR.MANAGER_PROMPTS["op_budget"]
+    assert [PR.manager_form(f).mask_full_add for f in ("op_budget", "op_budget_mask")] == \
+        [False, True]
     with pytest.raises(ValueError, match="form"):
         PR.memory_manager_prompt("Alice", FACT, mems, form="bogus")
 

@@ -20,7 +20,10 @@ Baselines (:data:`BASELINES`; the managers are :data:`mr1.memory.managers.MANAGE
 * ``prompted`` -- the embedded model as the Memory Manager (the ablation grid's ``json_op``
   prompt; ``--config.memory.manager_checkpoint=runs/grpo_memory/best`` for the RL manager);
 * ``prompted_budget`` -- the embedded model with the ``op_budget`` prompt (one op word; the
-  prompt says how full the bank is), the RL manager of ``mr1.rl.episode_task`` with
+  prompt says how full the bank is);
+* ``prompted_budget_mask`` -- the same, but a fact whose bank is full at the session's start
+  chooses among UPDATE / DELETE / NONE only (``op_budget_mask``, the form the episode task
+  trains): the RL manager of ``mr1.rl.episode_task`` with
   ``--config.memory.manager_checkpoint=runs/grpo_memory_budget/best``;
 * ``oracle`` -- ADD only the facts whose evidence turns are gold evidence for some question of
   the conversation: an upper bound that reads the answers' evidence (reported, never trained
@@ -52,6 +55,10 @@ BASELINES = {
     # --config.memory.manager_checkpoint=runs/grpo_memory_budget/best for the RL manager
     "prompted_budget": {"memory.manager": "llm", "memory.manager_format": "op_budget",
                         "memory.full_policy": "refuse"},
+    # the same, a full bank's fact choosing among UPDATE / DELETE / NONE (the budget config's
+    # form): the untrained row, and the RL manager's with --config.memory.manager_checkpoint
+    "prompted_budget_mask": {"memory.manager": "llm", "memory.manager_format": "op_budget_mask",
+                             "memory.full_policy": "refuse"},
     "oracle": {"memory.manager": "oracle", "memory.full_policy": "refuse"},
 }
 

@@ -10,8 +10,10 @@ the banks after the sessions before it (built by ``episode.snapshot_manager`` at
 ``G`` op sequences from that snapshot, each applied to its own copy of the banks through the
 jittable env; the reward is the frozen Answer Agent's EM + F1 on the questions whose evidence
 lies at or before the session (those inside it first), answered from each copy, minus a penalty
-for a refused op (an ADD into a full bank). The manager sees how full its bank is (the
-``"op_budget"`` prompt) and answers with one op word. Validation builds the whole ``conv-30``
+for a refused op (an ADD into a bank that filled during the session). The manager sees how full
+its bank is and answers with one op word; when its bank is full at the session's start it
+chooses among UPDATE (merge into the most similar memory), DELETE and NONE, since the env
+would refuse an ADD (the ``"op_budget_mask"`` form; ``"op_budget"`` offers ADD there too). Validation builds the whole ``conv-30``
 banks with greedy ops from empty banks, as evaluation does, and answers 40 of its questions.
 """
 
@@ -34,7 +36,9 @@ def get_config():
 
     c.memory.num_slots = 32             # the budget: memories per speaker
     c.memory.full_policy = "refuse"     # an ADD into a full bank is refused (and penalised)
-    c.memory.manager_format = "op_budget"  # one op word; the prompt says how full the bank is
+    c.memory.manager_format = "op_budget_mask"  # one op word; the prompt says how full the
+                                        # bank is, and a full bank's fact cannot choose ADD
+                                        # (UPDATE / DELETE / NONE: the env would refuse it)
     c.memory.retrieve_k = 5
 
     c.manager.task = "episodes"         # mr1.rl.episode_task.MANAGER_TASKS

@@ -61,7 +61,7 @@ from mr1.data.records import Conversation
 from mr1.memory import bank as B
 from mr1.memory.managers import MANAGERS, FactView, manager_spec
 from mr1.run_identity import RunIdentityError
-from mr1.memory.ops import (ParsedOp, ParseResult, op_choice_tokens, ops_to_actions,
+from mr1.memory.ops import (ParsedOp, ParseResult, op_choice_groups, ops_to_actions,
                             parse_op_choice, parse_ops)
 # The host-side banks and memory dirs live in mr1.memory.store; their names stay importable
 # from here.
@@ -313,6 +313,11 @@ class MemoryBuilder:
             for (mem, fact), slots in zip(kept, shown)]
         return prompts, shown
 
+    def _full_at_start(self, mem) -> bool:
+        """Whether an ADD into ``mem`` (as the session started) would be refused."""
+        return (self.cfg.full_policy == "refuse"
+                and int(np.asarray(mem.bank.valid).sum()) >= self.cfg.num_slots)
+
     def _llm_manage_many(self, sessions):
         """Manager ops for the sessions ``[(kept, emb, date, stats)]`` of different
         conversations: one batched generate for all their facts, then each session's ops
@@ -321,11 +326,18 @@ class MemoryBuilder:
         prompts = [p for ps, _ in built for p in ps]
         form = P.manager_form(self.cfg.manager_format)
         choice = form.choice
-        kw = {"allowed_tokens": op_choice_tokens(self.tokenize)} if choice else {}
-        if form.reply_prefix:
-            kw["reply_prefix"] = form.reply_prefix
-        outs = iter(self._generate(prompts, 1 if choice else self.cfg.manager_max_new_tokens,
-                                   **kw))
+        kw = {"reply_prefix": form.reply_prefix} if form.reply_prefix else {}
+        if choice:  # one constrained word; a masked form's full banks cannot choose ADD
+            full = [self._full_at_start(mem) for kept, _, _, _ in sessions for mem, _ in kept]
+            texts = [""] * len(prompts)
+            for idx, allowed in op_choice_groups(self.tokenize,
+                                                 np.asarray(full, bool) & form.mask_full_add):
+                got = self._generate([prompts[i] for i in idx], 1, allowed_tokens=allowed, **kw)
+                for i, text in zip(idx, got):
+                    texts[i] = text
+            outs = iter(texts)
+        else:
+            outs = iter(self._generate(prompts, self.cfg.manager_max_new_tokens, **kw))
         for (kept, emb, date, stats), (ps, shown) in zip(sessions, built):
             stats.manager_calls += len(ps)
             for (mem, fact), slots in zip(kept, shown):

@@ -132,12 +132,15 @@ class ManagerForm:
     ``[0]``, the most similar, :func:`mr1.memory.ops.choice_to_op`), else free text parsed by
     :func:`mr1.memory.ops.parse_ops`; ``reply_prefix``: text the reply is forced to start
     with (appended after the chat template's assistant header), so the op word is the model's
-    next token there.
+    next token there; ``mask_full_add``: a choice form whose fact, when its bank is full at the
+    session's start under the ``refuse`` policy, chooses among UPDATE / DELETE / NONE only (the
+    env would refuse the ADD: invalid-action masking, :func:`mr1.memory.ops.op_choice_groups`).
     """
 
     prompt: str
     choice: bool = False
     reply_prefix: str = ""
+    mask_full_add: bool = False
 
 
 MANAGER_FORMS: dict[str, ManagerForm] = {
@@ -146,6 +149,8 @@ MANAGER_FORMS: dict[str, ManagerForm] = {
     "op": ManagerForm(MEMORY_MANAGER_OP, choice=True),  # one op word, its own short prompt
     # the "op" form that also sees how full the bank is (``used`` / ``capacity``)
     "op_budget": ManagerForm(MEMORY_MANAGER_OP_BUDGET, choice=True),
+    # "op_budget" where a full bank's fact cannot choose ADD (UPDATE / DELETE / NONE only)
+    "op_budget_mask": ManagerForm(MEMORY_MANAGER_OP_BUDGET, choice=True, mask_full_add=True),
     # the paper's JSON prompt, its reply forced to '{"memory": [{"event": "' and the event
     # constrained to an op word: the prompted JSON manager with every reply a valid op
     "json_op": ManagerForm(MEMORY_MANAGER, choice=True, reply_prefix=JSON_EVENT_PREFIX),

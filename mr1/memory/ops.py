@@ -383,14 +383,32 @@ OP_CHOICE_WORDS: dict[str, OpCode] = {"ADD": OpCode.ADD, "UPDATE": OpCode.UPDATE
                                       "DELETE": OpCode.DELETE, "NONE": OpCode.NOOP}
 
 
-def op_choice_tokens(tokenize: Callable[[str], Sequence[int]]) -> tuple[int, ...]:
-    """The first token of each :data:`OP_CHOICE_WORDS` word (what a constrained sampler may
-    emit); they must differ."""
-    firsts = tuple(int(list(tokenize(w))[0]) for w in OP_CHOICE_WORDS)
+#: What a masked choice form offers a fact whose bank is full under ``refuse``: an ADD there
+#: would be refused, so it is not a choice (invalid-action masking).
+FULL_BANK_CHOICE_WORDS: tuple[str, ...] = ("UPDATE", "DELETE", "NONE")
+
+
+def op_choice_tokens(tokenize: Callable[[str], Sequence[int]],
+                     words: Iterable[str] = tuple(OP_CHOICE_WORDS)) -> tuple[int, ...]:
+    """The first token of each op word in ``words`` (default: all of
+    :data:`OP_CHOICE_WORDS`; what a constrained sampler may emit); they must differ."""
+    words = list(words)
+    firsts = tuple(int(list(tokenize(w))[0]) for w in words)
     if len(set(firsts)) != len(firsts):
-        raise ValueError(f"the op words {list(OP_CHOICE_WORDS)} share a first token {firsts}; "
+        raise ValueError(f"the op words {words} share a first token {firsts}; "
                          "this tokenizer cannot use the 'op' manager form")
     return firsts
+
+
+def op_choice_groups(tokenize: Callable[[str], Sequence[int]], full: Sequence[bool]
+                     ) -> list[tuple[np.ndarray, tuple[int, ...]]]:
+    """Prompts grouped by the op words they may choose, as ``(prompt indices, tokens)``:
+    those with ``full`` set among :data:`FULL_BANK_CHOICE_WORDS`, the others among all four
+    words; empty groups are left out. Every prompt is in exactly one group."""
+    full = np.asarray(full, bool).reshape(-1)
+    groups = [(np.flatnonzero(~full), op_choice_tokens(tokenize)),
+              (np.flatnonzero(full), op_choice_tokens(tokenize, FULL_BANK_CHOICE_WORDS))]
+    return [(idx, toks) for idx, toks in groups if idx.size]
 
 
 def choice_to_op(op: OpCode, fact: str, shown: Sequence[str]) -> ParsedOp:

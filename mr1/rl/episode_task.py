@@ -68,7 +68,8 @@ from mr1.eval import metrics as M
 from mr1.memory import bank as B
 from mr1.memory.episodes import apply_group, evidence_session
 from mr1.memory.managers import manager_spec
-from mr1.memory.ops import ParsedOp, op_choice_tokens, ops_to_actions, parse_op_choice, parse_ops
+from mr1.memory.ops import (ParsedOp, op_choice_groups, op_choice_tokens, ops_to_actions,
+                            parse_op_choice, parse_ops)
 from mr1.memory.store import record_result
 from mr1.registry import ConfigError, Registry
 from mr1.rl.memory_task import (OP_NAMES, frozen_answers, manager_run, reply_budget,
@@ -323,9 +324,11 @@ class EpisodeTask:
         return out
 
     # -- the manager side
-    def _prompts_of_session(self, mem: ConversationMemory, rows, emb) -> tuple[list, list]:
+    def _prompts_of_session(self, mem: ConversationMemory, rows, emb
+                            ) -> tuple[list, list, list]:
         """Manager prompts of one session's facts on the banks as they are (the session's
-        start) and the slots shown per fact."""
+        start), the slots shown per fact, and whether a masked form may not ADD it (its bank
+        is full under ``refuse``)."""
         k = self.pipeline.retrieve_k
         shown: list[list[int]] = [[] for _ in rows]
         for spk in (0, 1):
@@ -343,12 +346,41 @@ class EpisodeTask:
             form=self.pipeline.manager_format, used=used[spk],
             capacity=self.pipeline.num_slots)
             for (spk, text, _), slots in zip(rows, shown)]
-        return prompts, shown
+        full = [self.form.mask_full_add and self.pipeline.full_policy == "refuse"
+                and used[spk] >= self.pipeline.num_slots for spk, _, _ in rows]
+        return prompts, shown, full
 
     def _op(self, text: str, fact: str, shown_texts: list[str]) -> ParsedOp:
         if self.form.choice:
             return parse_op_choice(text, fact, shown_texts)
         return parse_ops(text, valid_ids=range(len(shown_texts))).ops[0]
+
+    def _sample_masked(self, params, prompts: list[str], full: list[bool], key,
+                       cfg: SamplingConfig):
+        """:meth:`_sample` with each prompt's op words: a choice form's prompts grouped by
+        :func:`mr1.memory.ops.op_choice_groups` (``full``: no ADD), one call per group, the
+        rows put back in prompt order."""
+        if not (self.form.choice and any(full)):
+            return self._sample(params, prompts, key, cfg)
+        k, ids = cfg.num_samples, [None] * len(prompts)
+        tokens = logp = lengths = None
+        texts = [""] * (len(prompts) * k)
+        for c, (idx, allowed) in enumerate(op_choice_groups(self.tokenize, full)):
+            gi, gt, glp, gln, gtx = self._sample(
+                params, [prompts[i] for i in idx], jax.random.fold_in(key, c),
+                dataclasses.replace(cfg, allowed_tokens=allowed))
+            rows = (idx[:, None] * k + np.arange(k)).reshape(-1)
+            if tokens is None:
+                n = len(prompts) * k
+                tokens = np.zeros((n,) + gt.shape[1:], gt.dtype)
+                logp = np.zeros((n,) + glp.shape[1:], glp.dtype)
+                lengths = np.zeros((n,), gln.dtype)
+            tokens[rows], logp[rows], lengths[rows] = gt, glp, gln
+            for i, x in zip(idx, gi):
+                ids[i] = x
+            for r, x in zip(rows, gtx):
+                texts[r] = x
+        return ids, tokens, logp, lengths, texts
 
     def _sample(self, params, prompts: list[str], key, cfg: SamplingConfig):
         """``cfg.num_samples`` samples of each prompt (one prefill per prompt), in calls of
@@ -397,23 +429,24 @@ class EpisodeTask:
             # a window's first session starts from the snapshot in every copy: one prompt per
             # fact with G samples; later sessions: each copy's own prompts, one sample each
             shared = j == 0
-            owners, prompts = [], []   # per prompt: its (e, g, i, f, fact row, shown) items
+            owners, prompts, full = [], [], []  # per prompt: its (e, g, i, f, row, shown)
             for e, w in enumerate(windows):
                 if j >= len(w.sessions):
                     continue
                 pos = w.sessions[j]
                 rows, emb = data.facts[w.conv_id][pos], data.fact_embeddings[w.conv_id][pos]
                 for g0 in ([0] if shared else range(G)):
-                    ps, shown = self._prompts_of_session(mems[e][g0], rows, emb)
+                    ps, shown, no_add = self._prompts_of_session(mems[e][g0], rows, emb)
                     prompts += ps
+                    full += no_add
                     owners += [[(e, g, i, offset[e] + i, r, sh)
                                 for g in (range(G) if shared else [g0])]
                                for i, (r, sh) in enumerate(zip(rows, shown))]
             if not prompts:
                 continue
             k = G if shared else 1
-            ids, tokens, logp, lengths, texts = self._sample(
-                params, prompts, jax.random.fold_in(key, j),
+            ids, tokens, logp, lengths, texts = self._sample_masked(
+                params, prompts, full, jax.random.fold_in(key, j),
                 dataclasses.replace(cfg, num_samples=k))
             batch, rows_of = [], []
             for p, own in enumerate(owners):

@@ -320,6 +320,10 @@ class ManagerTask:
         # a choice form ("op", "json_op") samples one constrained word (the op) per output,
         # after the form's forced reply prefix (part of the encoded prompt)
         self.form = PR.manager_form(self.pipeline.manager_format)
+        if self.form.mask_full_add:
+            raise ConfigError(f"memory.manager_format={self.pipeline.manager_format!r} masks "
+                              "ADD for full banks, which the facts task does not model: train "
+                              "it with --config.manager.task=episodes")
         self.allowed_tokens = op_choice_tokens(self.tokenize) if self.form.choice else ()
         self.train_ids, self.train_mask = self._encode(self.train.prompts)
         self.val_ids, self.val_mask = self._encode(self.val.prompts)
