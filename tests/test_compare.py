@@ -15,13 +15,17 @@ from mr1.eval.compare import (check_same_questions, compare_table, load_run, par
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def write_run(path: pathlib.Path, f1s: dict[str, float], ids=("c/q0", "c/q1"), wall=90.0):
-    """A workdir as evaluate.py leaves it: results.json (table) + predictions.jsonl."""
+def write_run(path: pathlib.Path, f1s: dict[str, float], ids=("c/q0", "c/q1"), wall=90.0,
+              per_question=None):
+    """A workdir as evaluate.py leaves it: results.json (table) + predictions.jsonl (each
+    question's F1 from ``per_question``, 0 by default)."""
     path.mkdir(parents=True)
     table = {c: {"n": 1, "f1": v, "bleu1": v / 2, "j": None} for c, v in f1s.items()}
     (path / "results.json").write_text(json.dumps({"table": table, "wall_s": wall}))
+    per_question = per_question or [0.0] * len(ids)
     (path / "predictions.jsonl").write_text(
-        "".join(json.dumps({"question_id": q, "f1": 0.0}) + "\n" for q in ids))
+        "".join(json.dumps({"question_id": q, "f1": f}) + "\n"
+                for q, f in zip(ids, per_question)))
     return path
 
 
@@ -32,14 +36,33 @@ def test_table_ratio_and_columns(tmp_path):
     table = compare_table([base, rl], base="untrained")
     lines = table.strip().splitlines()
     assert lines[0] == ("| run | temporal F1 | multi-hop F1 | overall F1 | BLEU-1 | J | "
-                        "x base F1 | n | wall |")
-    assert lines[2] == "| untrained | 4.00 | n/a | **8.00** | 4.00 | n/a | 1.00 | 1 | 1.5 min |"
-    assert lines[3] == "| GRPO | 30.00 | 10.00 | **20.00** | 10.00 | n/a | 2.50 | 1 | 2.5 min |"
+                        "x base F1 | F1 - base [95% CI] | n | wall |")
+    assert lines[2] == ("| untrained | 4.00 | n/a | **8.00** | 4.00 | n/a | 1.00 | n/a | 1 | "
+                        "1.5 min |")
+    assert lines[3] == ("| GRPO | 30.00 | 10.00 | **20.00** | 10.00 | n/a | 2.50 | "
+                        "+0.00 [+0.00, +0.00] | 1 | 2.5 min |")
     assert "x base F1" not in compare_table([base, rl])
     s = summary_json([base, rl], "untrained")
     assert s["GRPO"]["x_base_f1"] == pytest.approx(2.5) and s["untrained"]["wall_s"] == 90.0
     png = plot_comparison([base, rl], tmp_path / "c.png", title="t")
     assert pathlib.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_delta_and_its_bootstrap_interval(tmp_path):
+    from mr1.eval.compare import paired_f1_delta
+
+    ids = [f"c/q{i}" for i in range(40)]
+    base = load_run("b", write_run(tmp_path / "b", {"overall": 20.0}, ids=ids,
+                                   per_question=[0.2] * 40))
+    same_gain = load_run("s", write_run(tmp_path / "s", {"overall": 30.0}, ids=ids,
+                                        per_question=[0.3] * 40))
+    delta, lo, hi = paired_f1_delta(same_gain, base)        # +10 on every question: no spread
+    assert delta == pytest.approx(10.0) and lo == pytest.approx(10.0) and hi == pytest.approx(10.0)
+    half = load_run("h", write_run(tmp_path / "h", {"overall": 30.0}, ids=ids,
+                                   per_question=[0.2, 0.4] * 20))   # +20 on half of them
+    delta, lo, hi = paired_f1_delta(half, base)
+    assert delta == pytest.approx(10.0) and 0.0 < lo < 10.0 < hi < 20.0
+    assert paired_f1_delta(half, base) == (delta, lo, hi)              # seeded
 
 
 def test_different_questions_do_not_compare(tmp_path):
@@ -76,7 +99,7 @@ def test_cli_writes_table_json_and_plot(tmp_path):
                         f"base={tmp_path / 'base'}", f"RL={tmp_path / 'rl'}", "--base=base",
                         f"--out={out}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert "| RL | **12.50** | 6.25 | n/a | 2.50 | 1 | 1.5 min |" in r.stdout
+    assert "| RL | **12.50** | 6.25 | n/a | 2.50 | +0.00 [+0.00, +0.00] | 1 | 1.5 min |" in r.stdout
     assert (out / "compare.md").read_text() in r.stdout
     assert json.loads((out / "compare.json").read_text())["RL"]["x_base_f1"] == 2.5
     assert (out / "compare.png").stat().st_size > 1000

@@ -278,11 +278,13 @@ def test_compare_prints_the_budget_of_runs_with_banks(tmp_path):
     ops = {"ops": {"ADD": 64, "NOOP": 3}, "invalid": {"empty_output": 2}, "refused": {},
            "manager": "skip_similar", "num_slots": 32, "full_policy": "refuse",
            "bank_full": 203, "evicted": 0, "truncated": 1}
-    runs = [Run("skip", tmp_path, {"table": table, "memory_ops": ops}, None),
+    runs = [Run("skip", tmp_path, {"table": table, "memory_ops": ops,
+                                   "evidence_coverage": {"covered": 1, "questions": 2}}, None),
             Run("rag", tmp_path, {"table": table, "memory_ops": None}, None)]
     lines = capacity_table(runs).splitlines()
     assert len(lines) == 3   # header, rule, the one run with banks
-    assert lines[2] == "| skip | skip_similar | 32 | refuse | 64 | 0 | 0 | 3 | 203 | 0 | 1 | 2 |"
+    assert lines[2] == ("| skip | skip_similar | 32 | refuse | 64 | 0 | 0 | 3 | 203 | 0 | 1 | 2 "
+                        "| 1 / 2 |")
     assert capacity_table(runs[1:]) == ""
 
 

@@ -1,5 +1,7 @@
 """Side-by-side tables of ``evaluate.py`` runs: one row per run, per-category F1, overall F1 /
-BLEU-1 / J, the ratio to a base run's F1, and the wall time -- the paper's table layout.
+BLEU-1 / J, the ratio to a base run's F1, and the wall time -- the paper's table layout. With a
+base run, each row also gets its F1 difference to the base with a 95% paired bootstrap interval
+over the questions (both runs answered the same ones), so a gap within noise reads as such.
 
 Each run is a workdir holding ``results.json`` (and ``predictions.jsonl``, whose question ids
 must be the same set in every run: rows on different questions do not compare, so that is an
@@ -27,6 +29,7 @@ class Run:
     path: pathlib.Path
     results: dict[str, Any]
     question_ids: frozenset[str] | None  # None: no predictions.jsonl beside results.json
+    f1_by_question: Mapping[str, float] | None = None  # question id -> F1 (0-1)
 
     @property
     def table(self) -> dict[str, dict[str, Any]]:
@@ -54,11 +57,31 @@ def load_run(name: str, workdir: str | os.PathLike) -> Run:
         raise ValueError(f"{name}: {res_path} has no per-category table with an "
                          f"{OVERALL!r} row")
     pred = path / "predictions.jsonl"
-    ids = None
+    ids, f1 = None, None
     if pred.is_file():
         with open(pred) as f:
-            ids = frozenset(json.loads(line)["question_id"] for line in f if line.strip())
-    return Run(name, path, results, ids)
+            rows = [json.loads(line) for line in f if line.strip()]
+        ids = frozenset(r["question_id"] for r in rows)
+        f1 = {r["question_id"]: float(r["f1"]) for r in rows if r.get("f1") is not None}
+    return Run(name, path, results, ids, f1)
+
+
+def paired_f1_delta(run: Run, base: Run, n_boot: int = 2000, seed: int = 0
+                    ) -> tuple[float, float, float] | None:
+    """``run``'s F1 minus ``base``'s on their common questions, in F1 points, with the 2.5% and
+    97.5% percentiles of ``n_boot`` paired bootstrap resamples of those questions (None when a
+    run has no per-question scores)."""
+    import numpy as np
+
+    if not run.f1_by_question or not base.f1_by_question:
+        return None
+    common = sorted(set(run.f1_by_question) & set(base.f1_by_question))
+    if not common:
+        return None
+    d = 100.0 * np.asarray([run.f1_by_question[q] - base.f1_by_question[q] for q in common])
+    boot = np.random.default_rng(seed).choice(d, size=(n_boot, d.size)).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
 
 
 def check_same_questions(runs: Sequence[Run]) -> None:
@@ -90,7 +113,7 @@ def compare_table(runs: Sequence[Run], base: str | None = None) -> str:
         raise ValueError(f"base {base!r} is not one of the runs {sorted(by_name)}")
     cats = list(dict.fromkeys(c for r in runs for c in r.categories))
     head = ["run", *[f"{c} F1" for c in cats], "overall F1", "BLEU-1", "J"]
-    head += ["x base F1"] if base else []
+    head += ["x base F1", "F1 - base [95% CI]"] if base else []
     head += ["n", "wall"]
     lines = ["| " + " | ".join(head) + " |",
              "|---|" + "---:|" * (len(head) - 1)]
@@ -101,6 +124,9 @@ def compare_table(runs: Sequence[Run], base: str | None = None) -> str:
                  f"**{row['f1']:.2f}**", _fmt(row.get("bleu1")), _fmt(row.get("j"))]
         if base:
             cells.append(f"{row['f1'] / base_f1:.2f}" if base_f1 else "n/a")
+            delta = paired_f1_delta(r, by_name[base]) if r.name != base else None
+            cells.append("n/a" if delta is None else
+                         "{:+.2f} [{:+.2f}, {:+.2f}]".format(*delta))
         wall = r.results.get("wall_s")
         cells += [str(row.get("n", "")), f"{wall / 60:.1f} min" if wall else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -110,13 +136,14 @@ def compare_table(runs: Sequence[Run], base: str | None = None) -> str:
 def capacity_table(runs: Sequence[Run]) -> str:
     """Markdown table of the memory budget of the ``runs`` whose ``results.json`` has
     ``memory_ops`` (evaluate.py's memory method): slots per speaker, full policy, ops applied,
-    ADDs refused by a full bank, memories evicted, texts truncated, invalid manager outputs
-    ("" when none of the runs built banks)."""
+    ADDs refused by a full bank, memories evicted, texts truncated, invalid manager outputs,
+    and the questions with a fact of an evidence turn in the banks ("" when none of the runs
+    built banks)."""
     rows = [r for r in runs if r.results.get("memory_ops")]
     if not rows:
         return ""
     head = ["run", "manager", "slots", "full policy", "ADD", "UPDATE", "DELETE", "NOOP",
-            "refused (full)", "evicted", "truncated", "invalid outputs"]
+            "refused (full)", "evicted", "truncated", "invalid outputs", "evidence held"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|" + "---:|" * (len(head) - 4)]
     for r in rows:
         m = r.results["memory_ops"]
@@ -126,6 +153,8 @@ def capacity_table(runs: Sequence[Run]) -> str:
                  *[str(ops.get(k, 0)) for k in ("ADD", "UPDATE", "DELETE", "NOOP")],
                  *[str(m.get(k, "n/a")) for k in ("bank_full", "evicted", "truncated")],
                  str(sum(m.get("invalid", {}).values()))]
+        cov = r.results.get("evidence_coverage") or {}
+        cells.append(f"{cov['covered']} / {cov['questions']}" if cov else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
