@@ -51,8 +51,7 @@ BASELINES = {
     "merge_similar": {"memory.manager": "merge_similar", "memory.full_policy": "refuse"},
     "skip_similar": {"memory.manager": "skip_similar", "memory.full_policy": "refuse"},
     "prompted": {"memory.manager": "llm", "memory.full_policy": "refuse"},
-    # the episode-trained manager's prompt (it sees how full its bank is); add
-    # --config.memory.manager_checkpoint=runs/grpo_memory_budget/best for the RL manager
+    # the prompt that says how full the bank is; ADD stays on offer when it is full
     "prompted_budget": {"memory.manager": "llm", "memory.manager_format": "op_budget",
                         "memory.full_policy": "refuse"},
     # the same, a full bank's fact choosing among UPDATE / DELETE / NONE (the budget config's

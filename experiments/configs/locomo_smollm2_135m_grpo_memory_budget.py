@@ -13,8 +13,9 @@ lies at or before the session (those inside it first), answered from each copy, 
 for a refused op (an ADD into a bank that filled during the session). The manager sees how full
 its bank is and answers with one op word; when its bank is full at the session's start it
 chooses among UPDATE (merge into the most similar memory), DELETE and NONE, since the env
-would refuse an ADD (the ``"op_budget_mask"`` form; ``"op_budget"`` offers ADD there too). Validation builds the whole ``conv-30``
-banks with greedy ops from empty banks, as evaluation does, and answers 40 of its questions.
+would refuse an ADD (the ``"op_budget_mask"`` form; ``"op_budget"`` offers ADD there too).
+Validation builds the whole ``conv-30`` banks with greedy ops from empty banks, as evaluation
+does, and answers 40 of its questions. Runs and figures: ``docs/memory_capacity.md``.
 """
 
 import pathlib
