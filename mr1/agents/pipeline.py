@@ -123,6 +123,10 @@ class PipelineConfig:
         return {"num_slots": self.num_slots, "max_len": self.max_len,
                 "full_policy": self.full_policy, "max_sessions": int(self.max_sessions or 0)}
 
+    def refuses_add(self, used: int) -> bool:
+        """Whether an ADD into a bank holding ``used`` memories is refused (full, ``refuse``)."""
+        return self.full_policy == "refuse" and used >= self.num_slots
+
     @classmethod
     def from_mapping(cls, m: Any) -> "PipelineConfig":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -313,11 +317,6 @@ class MemoryBuilder:
             for (mem, fact), slots in zip(kept, shown)]
         return prompts, shown
 
-    def _full_at_start(self, mem) -> bool:
-        """Whether an ADD into ``mem`` (as the session started) would be refused."""
-        return (self.cfg.full_policy == "refuse"
-                and int(np.asarray(mem.bank.valid).sum()) >= self.cfg.num_slots)
-
     def _llm_manage_many(self, sessions):
         """Manager ops for the sessions ``[(kept, emb, date, stats)]`` of different
         conversations: one batched generate for all their facts, then each session's ops
@@ -328,7 +327,8 @@ class MemoryBuilder:
         choice = form.choice
         kw = {"reply_prefix": form.reply_prefix} if form.reply_prefix else {}
         if choice:  # one constrained word; a masked form's full banks cannot choose ADD
-            full = [self._full_at_start(mem) for kept, _, _, _ in sessions for mem, _ in kept]
+            full = [self.cfg.refuses_add(int(np.asarray(mem.bank.valid).sum()))
+                    for kept, _, _, _ in sessions for mem, _ in kept]
             texts = [""] * len(prompts)
             for idx, allowed in op_choice_groups(self.tokenize,
                                                  np.asarray(full, bool) & form.mask_full_add):

@@ -346,8 +346,8 @@ class EpisodeTask:
             form=self.pipeline.manager_format, used=used[spk],
             capacity=self.pipeline.num_slots)
             for (spk, text, _), slots in zip(rows, shown)]
-        full = [self.form.mask_full_add and self.pipeline.full_policy == "refuse"
-                and used[spk] >= self.pipeline.num_slots for spk, _, _ in rows]
+        full = [self.form.mask_full_add and self.pipeline.refuses_add(used[spk])
+                for spk, _, _ in rows]
         return prompts, shown, full
 
     def _op(self, text: str, fact: str, shown_texts: list[str]) -> ParsedOp:
